@@ -1,0 +1,39 @@
+"""rankcut: low-rank compression of pretrained transformers, measured honestly.
+
+Public API::
+
+    import rankcut
+    summary = rankcut.compress_(model, rankcut.CompressConfig(method="whiten", keep=0.8), calib=texts, tokenizer=tok)
+    rankcut.save(model, "out/", tokenizer=tok)
+    model = rankcut.load("out/")                                    # or, after import rankcut:
+    model = transformers.AutoModelForCausalLM.from_pretrained("out/")
+    rankcut.perplexity(model, tok, "heldout.txt")
+"""
+
+__version__ = "0.1.0"
+
+from rankcut.compress import compress_  # noqa: E402
+from rankcut.config import CompressConfig  # noqa: E402
+from rankcut.evaluate import evaluate, perplexity  # noqa: E402
+from rankcut.io import CheckpointError, load, register_with_transformers, save  # noqa: E402
+from rankcut.layers import LowRankLinear  # noqa: E402
+from rankcut.methods import available_methods, register as register_method  # noqa: E402
+from rankcut.summary import CompressionSummary  # noqa: E402
+from rankcut.targets import find_targets  # noqa: E402
+
+register_with_transformers()
+
+__all__ = [
+    "CheckpointError",
+    "CompressConfig",
+    "CompressionSummary",
+    "LowRankLinear",
+    "available_methods",
+    "compress_",
+    "evaluate",
+    "find_targets",
+    "load",
+    "perplexity",
+    "register_method",
+    "save",
+]

@@ -1,0 +1,261 @@
+"""Orchestration: calibrate -> allocate -> decompose -> swap. The one public entry point is :func:`compress_`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rankcut import __version__
+from rankcut.allocate import allocation_for
+from rankcut.calibrate import (
+    StatsCollector,
+    batches,
+    block_output,
+    capture_block_inputs,
+    model_inputs,
+    move_outside,
+    with_hidden,
+)
+from rankcut.config import CompressConfig
+from rankcut.data import calibration_windows, source_name
+from rankcut.factorize import factorize
+from rankcut.layers import LowRankLinear, dense_shape, dense_weight
+from rankcut.methods import get_method
+from rankcut.summary import CompressionSummary, TargetRow
+from rankcut.targets import find_blocks, find_targets, get_submodule_parent
+
+log = logging.getLogger(__name__)
+
+RECORD_ATTR = "rankcut_record"
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_seq_len(model: nn.Module) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return min(2048, limit) if limit else 2048
+
+
+def resolve_device(device, model: nn.Module) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else next(model.parameters()).device)
+    return torch.device(device)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
+
+
+def check_finite_weights(targets: dict[str, nn.Module]) -> None:
+    """Raise ValueError naming the first target whose weight or bias holds inf/NaN."""
+    for name, module in targets.items():
+        for pname, param in module.named_parameters(recurse=False):
+            if param.device.type != "meta" and not torch.isfinite(param).all():
+                raise ValueError(f"non-finite values (inf/NaN) in {name}.{pname}")
+
+
+class _Compressor:
+    """State of one compress_ call: the targets, the config, and the rows produced so far."""
+
+    def __init__(self, model: nn.Module, config: CompressConfig, device: torch.device, timer: _Timer) -> None:
+        self.model, self.config, self.device, self.timer = model, config, device, timer
+        self.spec = get_method(config.method)
+        self.svd_dtype = getattr(torch, config.svd_dtype)
+        self.rows: dict[str, TargetRow] = {}
+
+    def decompose(self, name: str, module: nn.Module, stat: torch.Tensor | None) -> None:
+        """Factorise one target and swap it into the model (or record why it stays dense)."""
+        with self.timer("decomposition"):
+            W = dense_weight(module).detach().to(self.device)
+            m, n = W.shape
+            try:
+                result = factorize(
+                    W,
+                    self.config.method,
+                    allocation_for(name, self.config),
+                    None if stat is None else stat.to(self.device),
+                    solver=self.config.solver,
+                    oversample=self.config.oversample,
+                    power_iters=self.config.power_iters,
+                    seed=self.config.seed,
+                    svd_dtype=self.svd_dtype,
+                    options={"alpha": self.config.alpha, "damping": self.config.damping},
+                )
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
+            if result.U is None:
+                log.warning("%s stays dense: %s", name, result.reason)
+                self.rows[name] = TargetRow(name, (m, n), None, m * n, m * n, None, result.reason)
+                return
+            weight = dense_weight(module)
+            bias = getattr(module, "bias", None)
+            new = LowRankLinear.from_factors(
+                result.U.to(weight.device), result.V.to(weight.device), None if bias is None else bias.detach(), dtype=weight.dtype
+            )
+            parent, child = get_submodule_parent(self.model, name)
+            setattr(parent, child, new)
+            self.rows[name] = TargetRow(name, (m, n), result.rank, m * n, result.rank * (m + n), result.energy)
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressConfig | None = None,
+    calib=None,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> CompressionSummary:
+    """Compress ``model`` in place: its target layers become :class:`~rankcut.layers.LowRankLinear`.
+
+    Args:
+        model: a Hugging Face transformer (decoder or encoder).
+        config: what to do; default ``CompressConfig()`` (whiten, keep 0.8).
+        calib: calibration text for data-aware methods: a file path, a dataset name, a list of strings, a
+            1-D token stream or an (N, T) tensor of token windows.
+        tokenizer: turns text calibration into tokens (not needed for token tensors).
+        device: where each block is processed (default: CUDA when available). The model's weights stay
+            where they are between blocks, so a model larger than the GPU can be compressed.
+        progress: show progress bars.
+
+    Returns:
+        The per-target and overall summary (also logged). The model carries a record of what was done
+        (``model.rankcut_record``) for :func:`rankcut.save`.
+
+    Raises:
+        ValueError: bad configuration, no targets, non-finite weights (naming the layer), missing or
+            too-short calibration data. The model is left unchanged when the error is raised before the
+            first swap (every input check happens before).
+    """
+    config = config or CompressConfig()
+    timer = _Timer()
+    start = time.perf_counter()
+    targets = find_targets(model, config.include, config.exclude)
+    check_finite_weights(targets)
+    device = resolve_device(device, model)
+    work = _Compressor(model, config, device, timer)
+    params_before = count_params(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    windows = None
+    if work.spec.stat is not None:
+        if calib is None:
+            raise ValueError(f"method {config.method!r} needs calibration data (calib=...)")
+        with timer("calibration text"):
+            seq_len = config.seq_len or default_seq_len(model)
+            windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if windows is None:
+                for name, module in tqdm(targets.items(), desc="decompose", disable=not progress):
+                    work.decompose(name, module, None)
+            elif config.layerwise:
+                _run_layerwise(model, targets, windows, work, progress)
+            else:
+                _run_full(model, targets, windows, work, progress)
+    finally:
+        model.train(was_training)
+    timer.times["total"] = time.perf_counter() - start
+    rows = [work.rows[name] for name in targets]
+    summary = CompressionSummary(
+        method=config.method,
+        rows=rows,
+        model_params_before=params_before,
+        model_params_after=count_params(model),
+        times=timer.times,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        calib_tokens=0 if windows is None else windows.numel(),
+    )
+    _attach_record(model, config, summary, calib)
+    log.info("\n%s", summary.table())
+    return summary
+
+
+def _attach_record(model: nn.Module, config: CompressConfig, summary: CompressionSummary, calib) -> None:
+    previous = getattr(model, RECORD_ATTR, None) or {}
+    ranks = dict(previous.get("ranks", {}))
+    ranks.update({r.name: r.rank for r in summary.rows if r.rank is not None})
+    dense = dict(previous.get("dense", {}))
+    dense.update({r.name: r.note for r in summary.rows if r.rank is None})
+    record = {
+        "rankcut_version": __version__,
+        "config": config.to_dict(),
+        "ranks": ranks,
+        "dense": dense,
+        "source_model": getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
+        "calibration": None if calib is None else {"source": source_name(calib), "tokens": summary.calib_tokens},
+        "keep_targets": summary.keep_targets,
+        "keep_model": summary.keep_model,
+    }
+    if previous:
+        record["history"] = [*previous.get("history", []), {k: previous[k] for k in ("config", "calibration")}]
+    setattr(model, RECORD_ATTR, record)
+
+
+def _run_full(model: nn.Module, targets: dict, windows: torch.Tensor, work: _Compressor, progress: bool) -> None:
+    """All targets hooked at once over whole-model forward passes (memory: the whole model on ``device``)."""
+    first = next(model.parameters()).device
+    model.to(work.device)
+    with work.timer("statistics"), StatsCollector(targets, work.spec.stat) as stats:
+        for ids in tqdm(list(batches(windows, work.config.batch_size)), desc="calibrate", disable=not progress):
+            model(**model_inputs(model, ids.to(work.device)))
+    for name, module in tqdm(targets.items(), desc="decompose", disable=not progress):
+        work.decompose(name, module, stats.stat(name))
+    model.to(first)
+
+
+def _run_layerwise(model: nn.Module, targets: dict, windows: torch.Tensor, work: _Compressor, progress: bool) -> None:
+    """One block at a time on ``device``; its inputs are the previous block's outputs (dense or compressed)."""
+    found = find_blocks(model)
+    if found is None:
+        raise ValueError("layerwise processing needs a stack of transformer blocks; use layerwise=False")
+    prefix, blocks = found
+    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
+    outside = []
+    for name, module in targets.items():
+        head, _, rest = name.partition(prefix + ".")
+        index = rest.split(".", 1)[0] if not head and rest else ""
+        if index.isdigit():
+            per_block[int(index)][name] = module
+        else:
+            outside.append(name)
+    if outside:
+        raise ValueError(f"targets outside the transformer blocks {outside[:3]} need layerwise=False")
+    home = model.get_input_embeddings().weight.device
+    move_outside(model, prefix, work.device)
+    try:
+        with work.timer("capture"):
+            calls = capture_block_inputs(model, blocks[0], windows, work.config.batch_size, work.device)
+        for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+            block_home = next(block.parameters()).device
+            block.to(work.device)
+            chosen = per_block[index]
+            with work.timer("statistics"), StatsCollector(chosen, work.spec.stat) as stats:
+                outputs = [block_output(block(*args, **kwargs)) for args, kwargs in calls]
+            for name, module in chosen.items():
+                work.decompose(name, module, stats.stat(name))
+            del stats
+            if work.config.sequential and chosen:
+                with work.timer("propagation"):
+                    outputs = [block_output(block(*args, **kwargs)) for args, kwargs in calls]
+            calls = [with_hidden(args, kwargs, out) for (args, kwargs), out in zip(calls, outputs)]
+            block.to(block_home)
+    finally:
+        move_outside(model, prefix, home)

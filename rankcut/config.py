@@ -1,0 +1,197 @@
+"""Versioned configuration objects.
+
+Every option that changes the numbers in a compressed checkpoint lives in :class:`CompressConfig`; it is
+validated when built, serialised into the checkpoint's ``rankcut.json`` and read back from it, so a
+checkpoint always says how it was made. Runtime choices that do not change the result's meaning
+(device, progress bars) are arguments of :func:`rankcut.compress_` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+SOLVERS = ("exact", "randomized")
+SAMPLINGS = ("random", "first")
+SVD_DTYPES = ("float32", "float64")
+_ALLOCATION_KEYS = ("keep", "energy", "rank")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_allocation(where: str, spec: dict) -> None:
+    """Validate a mapping holding at most one of ``keep``/``energy``/``rank`` (or ``dense: True``).
+
+    Raises:
+        ValueError: naming ``where`` and the offending key or value.
+    """
+    unknown = set(spec) - {*_ALLOCATION_KEYS, "dense"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use keep, energy, rank or dense")
+    given = [k for k in _ALLOCATION_KEYS if spec.get(k) is not None]
+    if spec.get("dense"):
+        given.append("dense")
+    if len(given) > 1:
+        raise ValueError(f"{where}: give only one of keep, energy, rank, dense (got {', '.join(given)})")
+    if spec.get("keep") is not None:
+        _check_fraction(f"{where}: keep", spec["keep"])
+    if spec.get("energy") is not None:
+        _check_fraction(f"{where}: energy", spec["energy"])
+    if spec.get("rank") is not None:
+        _check_rank(f"{where}: rank", spec["rank"])
+
+
+def check_pattern(pattern: str) -> None:
+    """A module-name pattern is an exact name, or ``re:`` followed by a regular expression."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"module-name pattern must be a non-empty string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as err:
+            raise ValueError(f"invalid regular expression in pattern {pattern!r}: {err}") from None
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """True when ``name`` matches ``pattern`` (exact name, or ``re:REGEX`` searched anywhere in the name)."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return pattern == name
+
+
+@dataclass
+class CompressConfig:
+    """How to compress a model.
+
+    Allocation: give exactly one of ``keep`` (fraction of the targets' parameters kept, uniform over
+    targets), ``energy`` (per target, the smallest rank whose singular values hold this fraction of the
+    squared spectrum of the matrix the method factorises) or ``rank`` (the same rank everywhere). With
+    none of them, ``keep=0.8``. A target whose rank would reach its break-even rank ``mn/(m+n)`` stays dense.
+
+    Attributes:
+        method: registered method name (``svd``, ``asvd``, ``whiten``; see ``rankcut.methods``).
+        keep: kept fraction of the targets' parameters, in (0, 1].
+        energy: spectral energy threshold in (0, 1].
+        rank: fixed rank >= 1.
+        overrides: ordered mapping from a module-name pattern (exact name or ``re:REGEX``) to an allocation
+            mapping, e.g. ``{"re:mlp\\.down_proj": {"keep": 0.9}, "model.layers.0.self_attn.q_proj":
+            {"dense": True}}``. The first matching pattern wins.
+        include: module-name patterns selecting targets among all linear layers (default: every linear
+            layer inside the transformer blocks).
+        exclude: module-name patterns removed from the targets.
+        solver: ``exact`` or ``randomized`` SVD.
+        oversample, power_iters: randomized-SVD settings (Halko, Martinsson & Tropp 2011).
+        alpha: ASVD activation exponent.
+        damping: relative diagonal damping tried first when the calibration Gram matrix is not positive
+            definite (grows tenfold per retry).
+        svd_dtype: precision of the SVD itself (Gram matrices and Cholesky are always float64).
+        calib_samples, seq_len, seed, sampling: calibration windows (``seq_len`` None = min(2048, model max);
+            ``sampling`` ``random`` draws distinct non-overlapping windows with ``seed``, ``first`` takes the
+            first ones in order).
+        batch_size: calibration windows per forward pass.
+        layerwise: process one transformer block at a time (memory bounded by one block plus its
+            calibration activations); False runs the whole model with hooks.
+        sequential: with ``layerwise``, calibrate each block on the outputs of the already-compressed blocks
+            before it instead of on the dense model's activations.
+    """
+
+    method: str = "whiten"
+    keep: float | None = None
+    energy: float | None = None
+    rank: int | None = None
+    overrides: dict[str, dict] = field(default_factory=dict)
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    solver: str = "exact"
+    oversample: int = 16
+    power_iters: int = 2
+    alpha: float = 0.5
+    damping: float = 1e-6
+    svd_dtype: str = "float32"
+    calib_samples: int = 128
+    seq_len: int | None = None
+    seed: int = 0
+    sampling: str = "random"
+    batch_size: int = 8
+    layerwise: bool = True
+    sequential: bool = False
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        from rankcut.methods import get_method  # late import: methods import nothing from config
+
+        get_method(self.method)
+        if self.keep is None and self.energy is None and self.rank is None:
+            self.keep = 0.8
+        check_allocation("config", {"keep": self.keep, "energy": self.energy, "rank": self.rank})
+        self.overrides = dict(self.overrides)
+        for pattern, spec in self.overrides.items():
+            check_pattern(pattern)
+            if not isinstance(spec, dict) or not spec:
+                raise ValueError(f"override {pattern!r} must map to a non-empty dict, got {spec!r}")
+            check_allocation(f"override {pattern!r}", spec)
+        self.include, self.exclude = list(self.include), list(self.exclude)
+        for pattern in [*self.include, *self.exclude]:
+            check_pattern(pattern)
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+        if self.svd_dtype not in SVD_DTYPES:
+            raise ValueError(f"svd_dtype must be one of {', '.join(SVD_DTYPES)}, got {self.svd_dtype!r}")
+        for name in ("oversample", "power_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("calib_samples", "batch_size"):
+            _check_rank(name, getattr(self, name))
+        if self.seq_len is not None:
+            _check_rank("seq_len", self.seq_len)
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not (isinstance(self.damping, (int, float)) and self.damping > 0):
+            raise ValueError(f"damping must be > 0, got {self.damping!r}")
+        if self.sequential and not self.layerwise:
+            raise ValueError("sequential calibration needs layerwise processing")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"config version {self.version} is newer than this rankcut understands ({CONFIG_VERSION}); "
+                "upgrade rankcut"
+            )
+
+    @property
+    def allocation(self) -> dict:
+        """The global allocation as a one-key mapping, e.g. ``{"keep": 0.8}``."""
+        for key in _ALLOCATION_KEYS:
+            if getattr(self, key) is not None:
+                return {key: getattr(self, key)}
+        raise AssertionError("unreachable: __post_init__ sets a default")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressConfig:
+        """Rebuild a config saved by :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown CompressConfig field(s): {sorted(unknown)}")
+        return cls(**data)
