@@ -203,6 +203,7 @@ def _attach_record(model: nn.Module, config: CompressConfig, summary: Compressio
         "calibration": None if calib is None else {"source": source_name(calib), "tokens": summary.calib_tokens},
         "keep_targets": summary.keep_targets,
         "keep_model": summary.keep_model,
+        "summary": summary.to_dict(),
     }
     if previous:
         record["history"] = [*previous.get("history", []), {k: previous[k] for k in ("config", "calibration")}]

@@ -110,6 +110,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     try:
         state, tied = _unique_state(model)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "rankcut_format": str(FORMAT_VERSION)})
+        os.chmod(tmp / WEIGHTS, 0o644)
         base = model.config
         wrapper = RankcutConfig(base_config=base.to_dict())
         wrapper.save_pretrained(tmp)

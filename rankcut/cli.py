@@ -1,0 +1,301 @@
+"""Command line: ``rankcut compress`` and ``rankcut eval``, thin wrappers over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("rankcut")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CLIError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _looks_local(spec: str) -> bool:
+    """Paths are local; Hub ids are ``name`` or ``org/name``."""
+    return os.path.exists(os.path.expanduser(spec)) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype | None:
+    """``auto``: float32 on CPU, the stored dtype on a GPU."""
+    if name == "auto":
+        return torch.float32 if device == "cpu" else None
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} requested but no CUDA device is available")
+    return name
+
+
+def load_model(spec: str, dtype: torch.dtype | None, device: str | None = None):
+    """A model and its tokenizer from a rankcut checkpoint, a local Hugging Face directory or a Hub id."""
+    import transformers
+
+    from rankcut.io import is_checkpoint, load
+
+    expanded = os.path.expanduser(spec)
+    if is_checkpoint(expanded):
+        model = load(expanded, device=device, dtype=dtype)
+    else:
+        if _looks_local(spec) and not os.path.isdir(expanded):
+            raise CLIError(f"model path {spec} does not exist")
+        if os.path.isdir(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise CLIError(f"{spec} is not a model directory (no config.json)")
+        try:
+            config = transformers.AutoConfig.from_pretrained(expanded)
+        except (OSError, ValueError) as err:
+            raise CLIError(f"cannot load model {spec}: {err}") from None
+        arch = (config.architectures or [""])[0]
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            cls = transformers.AutoModelForCausalLM
+        else:
+            cls = getattr(transformers, arch, None) or transformers.AutoModel
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        try:
+            model = cls.from_pretrained(expanded, **kwargs)
+        except (OSError, ValueError) as err:
+            raise CLIError(f"cannot load model {spec}: {err}") from None
+        if device:
+            model.to(device)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(expanded)
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("no tokenizer for %s (%s)", spec, err)
+        tokenizer = None
+    return model, tokenizer
+
+
+def environment() -> dict:
+    import transformers
+
+    from rankcut import __version__
+
+    info = {
+        "rankcut": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    return info
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(target)
+
+
+def parse_override(text: str) -> tuple[str, dict]:
+    """``PATTERN=keep:0.9`` / ``PATTERN=rank:64`` / ``PATTERN=energy:0.95`` / ``PATTERN=dense``."""
+    pattern, sep, rule = text.rpartition("=")
+    if not sep or not pattern:
+        raise CLIError(f"--override {text!r}: expected PATTERN=keep:X, PATTERN=energy:X, PATTERN=rank:N or PATTERN=dense")
+    if rule == "dense":
+        return pattern, {"dense": True}
+    key, _, value = rule.partition(":")
+    try:
+        number = int(value) if key == "rank" else float(value)
+    except ValueError:
+        raise CLIError(f"--override {text!r}: {value!r} is not a number") from None
+    if key not in ("keep", "energy", "rank"):
+        raise CLIError(f"--override {text!r}: rule must be keep:, energy:, rank: or dense")
+    return pattern, {key: number}
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from rankcut import CompressConfig, compress_, save
+    from rankcut.io import RECORD
+
+    overrides = dict(parse_override(o) for o in args.override)
+    config = CompressConfig(
+        method=args.method,
+        keep=args.keep,
+        energy=args.energy,
+        rank=args.rank,
+        overrides=overrides,
+        include=args.include,
+        exclude=args.exclude,
+        solver=args.solver,
+        oversample=args.oversample,
+        power_iters=args.power_iters,
+        alpha=args.alpha,
+        calib_samples=args.calib_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        sampling=args.sampling,
+        batch_size=args.batch_size,
+        layerwise=not args.full_model,
+        sequential=args.sequential,
+        svd_dtype=args.svd_dtype,
+    )
+    output = Path(args.output)
+    if output.exists():
+        if not args.overwrite:
+            raise CLIError(f"output {output} exists; pass --overwrite to replace it")
+        if not output.is_dir() or (any(output.iterdir()) and not (output / RECORD).exists()):
+            raise CLIError(f"refusing to overwrite {output}: it is not a rankcut checkpoint directory")
+    from rankcut.methods import get_method
+
+    if get_method(config.method).stat is not None and args.calib is None:
+        raise CLIError(f"method {config.method} needs --calib (a text file or dataset name)")
+    if args.calib is not None and isinstance(args.calib, str) and not os.path.exists(args.calib):
+        from rankcut.data import DATASETS
+
+        if args.calib not in DATASETS:
+            raise CLIError(f"--calib {args.calib}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device))
+    summary = compress_(model, config, calib=args.calib, tokenizer=tokenizer, device=device, progress=not args.quiet)
+    print(summary.table())
+    save(model, output, tokenizer=tokenizer, overwrite=args.overwrite)
+    _write_json(args.summary_json, {"summary": summary.to_dict(), "config": config.to_dict(), "argv": sys.argv, "environment": environment()})
+    print(f"saved {output}")
+    return 0
+
+
+def _format_table(names: list[str], result: dict, baseline: dict | None) -> str:
+    lines = []
+    if baseline is None:
+        lines.append(f"{'text':<28} {'perplexity':>12}")
+        for name in names:
+            lines.append(f"{name:<28} {result[name]:>12.4f}")
+    else:
+        lines.append(f"{'text':<28} {'dense':>12} {'compressed':>12} {'change':>9}")
+        for name in names:
+            dense, comp = baseline[name], result[name]
+            lines.append(f"{name:<28} {dense:>12.4f} {comp:>12.4f} {100 * (comp / dense - 1):>+8.2f}%")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rankcut.compress import count_params
+    from rankcut.evaluate import evaluate
+
+    if not args.ppl:
+        raise CLIError("nothing to evaluate: give at least one --ppl TEXT")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise CLIError("--max-windows must be >= 1")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    def run(spec: str) -> tuple[dict, int]:
+        model, tokenizer = load_model(spec, dtype, device)
+        if tokenizer is None:
+            raise CLIError(f"{spec} has no tokenizer; perplexity on text needs one")
+        result = evaluate(model, tokenizer, args.ppl, args.seq_len, args.max_windows, args.batch_size, device, not args.quiet)
+        return result, count_params(model)
+
+    result, params = run(args.model)
+    output = {"model": args.model, "params": params, **result}
+    baseline = None
+    if args.baseline:
+        base_result, base_params = run(args.baseline)
+        baseline = base_result["perplexity"]
+        output["baseline"] = {"model": args.baseline, "params": base_params, **base_result}
+    output.update(argv=sys.argv, environment=environment())
+    print(_format_table(list(result["perplexity"]), result["perplexity"], baseline))
+    if baseline is not None:
+        print(f"parameters: dense {output['baseline']['params']:,}, compressed {params:,} ({params / output['baseline']['params']:.4f})")
+    _write_json(args.json, output)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rankcut import __version__
+    from rankcut.methods import available_methods
+
+    parser = argparse.ArgumentParser(prog="rankcut", description="Low-rank compression of transformer models")
+    parser.add_argument("--version", action="version", version=f"rankcut {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model and save a checkpoint")
+    p.add_argument("model", help="Hugging Face Hub id or local model directory")
+    p.add_argument("--method", default="whiten", help=f"one of {', '.join(available_methods())} (default whiten)")
+    alloc = p.add_mutually_exclusive_group()
+    alloc.add_argument("--keep", type=float, help="fraction of the targets' parameters to keep, in (0, 1] (default 0.8)")
+    alloc.add_argument("--energy", type=float, help="per-target spectral energy threshold in (0, 1]")
+    alloc.add_argument("--rank", type=int, help="the same rank for every target")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=RULE",
+                   help="per-target rule, e.g. 're:down_proj=keep:0.9', 'model.layers.0.mlp.up_proj=dense'")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="select targets by name (exact or re:REGEX)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="remove targets by name (exact or re:REGEX)")
+    p.add_argument("--solver", default="exact", help="exact or randomized")
+    p.add_argument("--oversample", type=int, default=16, help="randomized SVD oversampling (default 16)")
+    p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default 2)")
+    p.add_argument("--alpha", type=float, default=0.5, help="ASVD activation exponent (default 0.5)")
+    p.add_argument("--svd-dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--calib", help="calibration text file, or dataset name (wikitext2, ptb, c4)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, help="calibration window length (default min(2048, model max))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", default="random", choices=["random", "first"], help="random or first windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--full-model", action="store_true", help="hook the whole model at once instead of block by block")
+    p.add_argument("--sequential", action="store_true", help="calibrate each block on the compressed blocks' outputs")
+    p.add_argument("--device", default="auto", help="where blocks are processed: auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype (auto: float32 on CPU)")
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    p.add_argument("--summary-json", help="also write the summary as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+    e = sub.add_parser("eval", help="evaluate perplexity of a model or checkpoint")
+    e.add_argument("model", help="rankcut checkpoint, local model directory or Hub id")
+    e.add_argument("--ppl", action="append", default=[], metavar="TEXT", help="text file or dataset name (repeatable)")
+    e.add_argument("--baseline", help="also evaluate this (dense) model for a side-by-side table")
+    e.add_argument("--seq-len", type=int, help="window length (default min(2048, model max))")
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    e.add_argument("--json", help="write results as JSON here")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="rankcut: %(levelname)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"rankcut: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rankcut: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
