@@ -14,7 +14,8 @@ def allocation_for(name: str, config: CompressConfig) -> dict:
     """The allocation mapping for target ``name``: the first matching override, else the global one."""
     for pattern, spec in config.overrides.items():
         if pattern_matches(pattern, name):
-            return {k: v for k, v in spec.items() if v is not None and v is not False}
+            # a spec that sets nothing (e.g. {"dense": False}) means the global allocation, not an empty one
+            return {k: v for k, v in spec.items() if v is not None and v is not False} or config.allocation
     return config.allocation
 
 

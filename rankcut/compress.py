@@ -62,12 +62,16 @@ class _Timer:
             self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
 
 
-def check_finite_weights(targets: dict[str, nn.Module]) -> None:
-    """Raise ValueError naming the first target whose weight or bias holds inf/NaN."""
-    for name, module in targets.items():
-        for pname, param in module.named_parameters(recurse=False):
-            if param.device.type != "meta" and not torch.isfinite(param).all():
-                raise ValueError(f"non-finite values (inf/NaN) in {name}.{pname}")
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise ValueError naming the first parameter of ``model`` that holds inf/NaN.
+
+    Every parameter is checked up front, not only the targets: a NaN in a norm of a later block would
+    otherwise surface mid-calibration, after earlier blocks were already swapped.
+    """
+    for name, param in model.named_parameters():
+        if param.device.type != "meta" and param.is_floating_point() and not torch.isfinite(param).all():
+            layer = name.rpartition(".")[0] or name
+            raise ValueError(f"non-finite values (inf/NaN) in layer {layer} ({name})")
 
 
 class _Compressor:
@@ -146,7 +150,7 @@ def compress_(
     timer = _Timer()
     start = time.perf_counter()
     targets = find_targets(model, config.include, config.exclude)
-    check_finite_weights(targets)
+    check_finite_weights(model)
     device = resolve_device(device, model)
     work = _Compressor(model, config, device, timer)
     params_before = count_params(model)
@@ -258,5 +262,7 @@ def _run_layerwise(model: nn.Module, targets: dict, windows: torch.Tensor, work:
                     outputs = [block_output(block(*args, **kwargs)) for args, kwargs in calls]
             calls = [with_hidden(args, kwargs, out) for (args, kwargs), out in zip(calls, outputs)]
             block.to(block_home)
+            for module in chosen.values():  # swapped-out dense layers are no longer in the block: send them home too
+                module.to(block_home)
     finally:
         move_outside(model, prefix, home)

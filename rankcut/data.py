@@ -57,7 +57,8 @@ def read_text(source: str | os.PathLike, split: str = "test") -> str:
     """
     text_source = str(source)
     if os.path.isfile(text_source):
-        text = Path(text_source).read_text(encoding="utf-8", errors="replace")
+        with open(text_source, encoding="utf-8", errors="replace", newline="") as handle:  # as is: keep \r\n
+            text = handle.read()
     elif text_source in DATASETS:
         text = _dataset_text(text_source, split)
     else:

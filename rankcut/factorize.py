@@ -57,6 +57,8 @@ def factorize(
     if allocation.get("dense"):
         return Factorization(None, None, None, "dense by override")
     limit = max_useful_rank(m, n)
+    if allocation.get("keep", 0) >= 1:  # floor(r*) < r* when r* is not an integer: still lossy, so refuse
+        return Factorization(None, None, None, f"keep {allocation['keep']} reaches break-even {r_star:.1f}: kept dense")
     if "keep" in allocation:
         rank = uniform_rank(m, n, allocation["keep"])
     elif "rank" in allocation:

@@ -107,6 +107,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old = None
     try:
         state, tied = _unique_state(model)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "rankcut_format": str(FORMAT_VERSION)})
@@ -133,7 +134,6 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
         }
         (tmp / RECORD).write_text(json.dumps(manifest, indent=1, default=str))
         _fsync_tree(tmp)
-        old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
@@ -142,6 +142,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            old.rename(path)  # the new checkpoint never arrived: put the old one back
         raise
     log.info("saved %s (%d low-rank layers)", path, len(layers))
     return path
@@ -183,9 +185,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads((path / RECORD).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / RECORD} is corrupted: {err}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path / RECORD} is corrupted: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has rankcut format {version!r}; this rankcut reads up to {FORMAT_VERSION}")
+    lacking = [key for key, kind in (("architecture", str), ("config", dict), ("ranks", dict))
+               if not isinstance(manifest.get(key), kind)]
+    if lacking:
+        raise CheckpointError(f"{path / RECORD} is corrupted: missing or invalid {', '.join(lacking)}")
     return manifest
 
 
@@ -203,8 +211,8 @@ def _base_config(path: Path) -> transformers.PretrainedConfig:
         data = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / CONFIG} is corrupted: {err}") from None
-    base = data.get("base_config")
-    if data.get("model_type") != "rankcut" or not isinstance(base, dict) or "model_type" not in base:
+    base = data.get("base_config") if isinstance(data, dict) else None
+    if base is None or data.get("model_type") != "rankcut" or not isinstance(base, dict) or "model_type" not in base:
         raise CheckpointError(f"{path / CONFIG} is not a rankcut wrapper config")
     return transformers.AutoConfig.for_model(**base)
 
@@ -227,6 +235,7 @@ def load(
     dtype: torch.dtype | None = None,
     auto_class=None,
     verify: bool = True,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save`.
 
@@ -237,6 +246,7 @@ def load(
         auto_class: build through this ``transformers`` auto class (e.g. ``AutoModel`` to get the bare
             encoder/decoder of a causal LM); default: the architecture that was saved.
         verify: check the SHA-256 of the weights file against the record (sizes are always checked).
+        attn_implementation: attention kernel for transformers (``eager``, ``sdpa``…); default its choice.
 
     Raises:
         CheckpointError: missing or corrupted files, unknown format, tensors that do not fit the skeleton.
@@ -247,7 +257,7 @@ def load(
     config = _base_config(path)
     cls = _model_class(manifest, config, auto_class)
     with params_on_meta():
-        model = cls._from_config(config)
+        model = cls._from_config(config, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     prefix = manifest.get("base_model_prefix", "")
     strip = bool(auto_class is not None and prefix and cls.__name__ != manifest["architecture"]
                  and not hasattr(model, prefix))
@@ -319,6 +329,9 @@ class RankcutConfig(transformers.PretrainedConfig):
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Keywords the auto classes add on their own; they mean nothing for a local rankcut checkpoint.
+_HF_INTERNAL = {"config", "_from_auto", "trust_remote_code", "adapter_kwargs", "revision", "cache_dir",
+                "force_download", "local_files_only", "token", "proxies", "subfolder", "_commit_hash"}
 
 
 def _from_pretrained_kwargs(kwargs: dict) -> dict:
@@ -330,7 +343,13 @@ def _from_pretrained_kwargs(kwargs: dict) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(device, dict):
         raise ValueError("rankcut checkpoints load onto one device; pass device_map as a device name")
-    return {"dtype": dtype, "device": device}
+    options = {"dtype": dtype, "device": device}
+    if kwargs.get("attn_implementation"):
+        options["attn_implementation"] = kwargs.pop("attn_implementation")
+    ignored = sorted(k for k, v in kwargs.items() if k not in _HF_INTERNAL and v is not None)
+    if ignored:
+        log.warning("rankcut checkpoint: from_pretrained ignores %s", ", ".join(ignored))
+    return options
 
 
 def _wrapper_class(auto_class) -> type:
@@ -341,7 +360,11 @@ def _wrapper_class(auto_class) -> type:
         def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
             if not is_checkpoint(pretrained_model_name_or_path):
                 raise CheckpointError(f"{pretrained_model_name_or_path} is not a local rankcut checkpoint directory")
+            wrapper = kwargs.get("config")
+            chosen = getattr(wrapper, "_attn_implementation_internal", None)  # absorbed by AutoConfig
             options = _from_pretrained_kwargs(kwargs)
+            if chosen and "attn_implementation" not in options:
+                options["attn_implementation"] = chosen
             return load(pretrained_model_name_or_path, auto_class=auto_class, **options)
 
     Loader.__name__ = Loader.__qualname__ = f"Rankcut{auto_class.__name__.removeprefix('Auto')}"

@@ -84,7 +84,8 @@ class LowRankLinear(nn.Module):
         """Factorise a dense ``nn.Linear``/``Conv1D`` by truncated SVD, keeping its dtype and device.
 
         At full rank (``rank`` None or >= min(out, in)) the factorisation is exact: the shorter side is an
-        identity factor, so the result computes exactly what the dense layer computes.
+        identity factor, so the result computes exactly what an ``nn.Linear`` with the same weight computes
+        (a GPT-2 ``Conv1D`` multiplies by its (in, out) storage, which sums in another order: ~1 ulp apart).
         """
         weight = dense_weight(layer).detach()
         m, n = weight.shape

@@ -55,7 +55,10 @@ def find_targets(
     Raises:
         ValueError: no targets were found, or an included layer shares its weight with another module.
     """
-    linears = {name: mod for name, mod in model.named_modules() if is_dense_linear(mod)}
+    factors = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LowRankLinear))
+    linears = {  # the U/V factors inside a LowRankLinear are not targets (no re-factorising factors)
+        name: mod for name, mod in model.named_modules() if is_dense_linear(mod) and not name.startswith(factors)
+    }
     if include:
         chosen = {n: m for n, m in linears.items() if any(pattern_matches(p, n) for p in include)}
     else:

@@ -55,7 +55,9 @@ def perplexity(
         with torch.no_grad():
             for batch in tqdm(list(batches(windows, batch_size)), desc=f"ppl {source_name(text)}", disable=not progress):
                 batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
+                logits = getattr(model(input_ids=batch, use_cache=False), "logits", None)
+                if logits is None:
+                    raise ValueError(f"{type(model).__name__} has no LM head: perplexity needs a causal LM")
                 if logits.shape[-1] < 2:
                     raise ValueError("model output has no vocabulary dimension (is it a causal LM?)")
                 nll = F.cross_entropy(
