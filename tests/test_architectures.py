@@ -21,13 +21,7 @@ CALIB = token_windows(8)
 TEST_IDS = token_windows(2, seed=99)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread. Multi-threaded MKL on a loaded 2-core box takes ~0.15 s per 64x32 SVD."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(method: str, **kw) -> CompressConfig:

@@ -20,13 +20,7 @@ SEQ = "16"
 FAST = ["--calib-samples", "4", "--seq-len", SEQ, "--batch-size", "4", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread. Multi-threaded MKL on a loaded 2-core box takes ~0.15 s per 64x32 SVD."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
