@@ -22,6 +22,7 @@ class StatAccumulator:
         self.kind = kind
         self.total: torch.Tensor | None = None
         self.count = 0
+        self._symmetric = False
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
@@ -30,11 +31,17 @@ class StatAccumulator:
         part = x.mT @ x if self.kind == "gram" else x.abs().sum(0)
         self.total = part if self.total is None else self.total.add_(part)
         self.count += x.shape[0]
+        self._symmetric = False
 
     def value(self) -> torch.Tensor:
         if self.total is None:
             raise RuntimeError("no calibration data reached this layer")
-        return self.total if self.kind == "gram" else self.total / self.count
+        if self.kind == "gram":
+            if not self._symmetric:  # BLAS need not return xᵀx bit-symmetric; make it so once per read
+                self.total = (self.total + self.total.mT) / 2
+                self._symmetric = True
+            return self.total
+        return self.total / self.count
 
 
 class StatsCollector:

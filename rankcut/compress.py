@@ -151,6 +151,7 @@ def compress_(
     start = time.perf_counter()
     targets = find_targets(model, config.include, config.exclude)
     check_finite_weights(model)
+    order = list(targets)
     device = resolve_device(device, model)
     work = _Compressor(model, config, device, timer)
     params_before = count_params(model)
@@ -168,8 +169,8 @@ def compress_(
     try:
         with torch.no_grad():
             if windows is None:
-                for name, module in tqdm(targets.items(), desc="decompose", disable=not progress):
-                    work.decompose(name, module, None)
+                for name in tqdm(order, desc="decompose", disable=not progress):
+                    work.decompose(name, targets.pop(name), None)  # pop: the dense layer can be freed
             elif config.layerwise:
                 _run_layerwise(model, targets, windows, work, progress)
             else:
@@ -177,7 +178,7 @@ def compress_(
     finally:
         model.train(was_training)
     timer.times["total"] = time.perf_counter() - start
-    rows = [work.rows[name] for name in targets]
+    rows = [work.rows[name] for name in order]
     summary = CompressionSummary(
         method=config.method,
         rows=rows,
@@ -221,8 +222,8 @@ def _run_full(model: nn.Module, targets: dict, windows: torch.Tensor, work: _Com
     with work.timer("statistics"), StatsCollector(targets, work.spec.stat) as stats:
         for ids in tqdm(list(batches(windows, work.config.batch_size)), desc="calibrate", disable=not progress):
             model(**model_inputs(model, ids.to(work.device)))
-    for name, module in tqdm(targets.items(), desc="decompose", disable=not progress):
-        work.decompose(name, module, stats.stat(name))
+    for name in tqdm(list(targets), desc="decompose", disable=not progress):
+        work.decompose(name, targets.pop(name), stats.stat(name))
     model.to(first)
 
 
@@ -234,11 +235,11 @@ def _run_layerwise(model: nn.Module, targets: dict, windows: torch.Tensor, work:
     prefix, blocks = found
     per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
     outside = []
-    for name, module in targets.items():
+    for name in targets:
         head, _, rest = name.partition(prefix + ".")
         index = rest.split(".", 1)[0] if not head and rest else ""
         if index.isdigit():
-            per_block[int(index)][name] = module
+            per_block[int(index)][name] = targets[name]
         else:
             outside.append(name)
     if outside:
@@ -252,17 +253,25 @@ def _run_layerwise(model: nn.Module, targets: dict, windows: torch.Tensor, work:
             block_home = next(block.parameters()).device
             block.to(work.device)
             chosen = per_block[index]
+            rerun = work.config.sequential and bool(chosen)
             with work.timer("statistics"), StatsCollector(chosen, work.spec.stat) as stats:
-                outputs = [block_output(block(*args, **kwargs)) for args, kwargs in calls]
-            for name, module in chosen.items():
-                work.decompose(name, module, stats.stat(name))
+                for i, (args, kwargs) in enumerate(calls):
+                    out = block_output(block(*args, **kwargs))
+                    if not rerun:  # the dense output is the next block's input: replace in place, so
+                        calls[i] = with_hidden(args, kwargs, out)  # inputs and outputs never coexist
+                del out
+            for name in list(chosen):
+                work.decompose(name, chosen[name], stats.stat(name))
             del stats
-            if work.config.sequential and chosen:
+            if rerun:
                 with work.timer("propagation"):
-                    outputs = [block_output(block(*args, **kwargs)) for args, kwargs in calls]
-            calls = [with_hidden(args, kwargs, out) for (args, kwargs), out in zip(calls, outputs)]
+                    for i, (args, kwargs) in enumerate(calls):
+                        calls[i] = with_hidden(args, kwargs, block_output(block(*args, **kwargs)))
             block.to(block_home)
-            for module in chosen.values():  # swapped-out dense layers are no longer in the block: send them home too
-                module.to(block_home)
+            # Drop the last references to the swapped-out dense layers so their memory (on the device, where
+            # the block was processed) is freed now, not when compress_ returns.
+            for name in chosen:
+                targets.pop(name, None)
+            per_block[index] = chosen = {}
     finally:
         move_outside(model, prefix, home)

@@ -31,7 +31,7 @@ def _gram_eigh_svd(A: torch.Tensor, k: int, min_ratio: float = 1e-4):
     """Top-``k`` SVD of a float32/16 CUDA matrix from the float64 eigendecomposition of its smaller Gram matrix.
 
     cuSOLVER's SVD (PyTorch's default there is Jacobi, ``gesvdj``) took ~1.1 s for a whitened 4096×4096 or
-    11008×4096 float32 matrix on an H200, with relative errors up to 7e-4 in the top σ; this took 0.12 s
+    11008×4096 float32 matrix on an H200, with relative errors up to 8e-4 in the top σ; this took 0.12 s
     with errors at float32 rounding (benchmarks/svd_gpu_solvers.py). Squaring the condition number costs
     a relative error of about ``n·ε₆₄·(σ_1/σ_i)²`` in σ_i², so the route is used only while
     ``σ_k ≥ min_ratio·σ_1``; otherwise, or on anything non-finite, it returns None and the caller falls
