@@ -129,7 +129,7 @@ def parse_override(text: str) -> tuple[str, dict]:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from rankcut import CompressConfig, compress_, save
-    from rankcut.io import RECORD
+    from rankcut.io import check_output
 
     overrides = dict(parse_override(o) for o in args.override)
     config = CompressConfig(
@@ -154,11 +154,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         svd_dtype=args.svd_dtype,
     )
     output = Path(args.output)
-    if output.exists():
-        if not args.overwrite:
-            raise CLIError(f"output {output} exists; pass --overwrite to replace it")
-        if not output.is_dir() or (any(output.iterdir()) and not (output / RECORD).exists()):
-            raise CLIError(f"refusing to overwrite {output}: it is not a rankcut checkpoint directory")
+    check_output(output, args.overwrite)  # before any work: fail fast, write nothing
     from rankcut.methods import get_method
 
     if get_method(config.method).stat is not None and args.calib is None:

@@ -83,6 +83,23 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def check_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raise unless ``path`` may receive a checkpoint: absent, or (with ``overwrite``) an empty directory or a
+    rankcut checkpoint. A non-empty directory that is not a checkpoint is never overwritten.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: ``path`` is a file or a non-empty directory that is not a rankcut checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"output {path} exists; pass overwrite=True (--overwrite) to replace it")
+    if not path.is_dir() or (any(path.iterdir()) and not (path / RECORD).exists()):
+        raise ValueError(f"refusing to overwrite {path}: it is not a rankcut checkpoint directory")
+
+
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (compressed by :func:`rankcut.compress_`) to directory ``path`` atomically.
 
@@ -99,11 +116,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     layers = low_rank_modules(model)
     if record is None or not layers:
         raise ValueError("model holds no rankcut low-rank layers: compress it with rankcut.compress_ first")
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(f"output {path} exists; pass overwrite=True (--overwrite) to replace it")
-        if not path.is_dir() or (any(path.iterdir()) and not (path / RECORD).exists()):
-            raise ValueError(f"refusing to overwrite {path}: it is not a rankcut checkpoint directory")
+    check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
