@@ -16,11 +16,26 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# name -> (datasets path, config, {split alias: split}, text field)
+# name -> (load_dataset arguments per split alias, text field). C4 is read from one shard of each split
+# (the literature's practice) rather than the whole multi-terabyte corpus.
+_C4 = "en/c4-{}.00000-of-{:05d}.json.gz"
 DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test", "validation": "validation"}, "text"),
-    "ptb": ("ptb_text_only", "penn_treebank", {"train": "train", "test": "test", "validation": "validation"}, "sentence"),
-    "c4": ("allenai/c4", "en", {"train": "train", "test": "validation", "validation": "validation"}, "text"),
+    "wikitext2": (
+        {s: dict(path="Salesforce/wikitext", name="wikitext-2-raw-v1", split=s) for s in ("train", "validation", "test")},
+        "text",
+    ),
+    "ptb": (
+        {s: dict(path="ptb-text-only/ptb_text_only", name="penn_treebank", split=s) for s in ("train", "validation", "test")},
+        "sentence",
+    ),
+    "c4": (
+        {
+            "train": dict(path="allenai/c4", data_files={"train": _C4.format("train", 1024)}, split="train"),
+            "validation": dict(path="allenai/c4", data_files={"validation": _C4.format("validation", 8)}, split="validation"),
+            "test": dict(path="allenai/c4", data_files={"validation": _C4.format("validation", 8)}, split="validation"),
+        },
+        "text",
+    ),
 }
 
 
@@ -33,7 +48,8 @@ def source_name(source) -> str:
 
 
 def _dataset_text(name: str, split: str) -> str:
-    path, config, splits, column = DATASETS[name]
+    splits, column = DATASETS[name]
+    args = splits[split]
     try:
         import datasets
     except ImportError:
@@ -41,9 +57,9 @@ def _dataset_text(name: str, split: str) -> str:
             f"{name!r} is a Hub dataset: install the 'datasets' package (pip install rankcut[data]) or pass a local file"
         ) from None
     try:
-        rows = datasets.load_dataset(path, config, split=splits[split])
+        rows = datasets.load_dataset(**args)
     except Exception as err:  # network errors come in many types
-        raise ValueError(f"could not load dataset {name!r} ({path}/{config}, split {split}): {err}") from err
+        raise ValueError(f"could not load dataset {name!r} ({args['path']}, split {split}): {err}") from err
     if name == "c4" and len(rows) > 20000:
         rows = rows.select(range(20000))
     return "\n\n".join(rows[column])

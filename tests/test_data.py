@@ -235,3 +235,20 @@ def test_source_name(tmp_path):
     assert source_name(str(tmp_path / "missing.txt")) == str(tmp_path / "missing.txt")
     assert source_name(["a", "b"]) == "text"
     assert source_name(torch.arange(3)) == "text"
+
+
+def test_hub_dataset_failure_is_a_clear_value_error(monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the optional 'datasets' package is not installed")
+    seen = {}
+
+    def unreachable(**kwargs):
+        seen.update(kwargs)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(ValueError, match=r"could not load dataset 'wikitext2' \(Salesforce/wikitext, split train\)"):
+        read_text("wikitext2", split="train")
+    assert seen == {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1", "split": "train"}
+    with pytest.raises(ValueError, match="c4"):
+        read_text("c4", split="test")
+    assert seen["data_files"] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
