@@ -8,10 +8,12 @@ Public API::
     model = rankcut.load("out/")                                    # or, after import rankcut:
     model = transformers.AutoModelForCausalLM.from_pretrained("out/")
     rankcut.perplexity(model, tok, "heldout.txt")
+    report = rankcut.analyze(model, calib=texts, tokenizer=tok)   # spectra, energy ranks, speedup bounds
 """
 
 __version__ = "0.1.0"
 
+from rankcut.analyze import AnalysisReport, analyze  # noqa: E402
 from rankcut.compress import compress_  # noqa: E402
 from rankcut.config import CompressConfig  # noqa: E402
 from rankcut.evaluate import evaluate, perplexity  # noqa: E402
@@ -24,10 +26,12 @@ from rankcut.targets import find_targets  # noqa: E402
 register_with_transformers()
 
 __all__ = [
+    "AnalysisReport",
     "CheckpointError",
     "CompressConfig",
     "CompressionSummary",
     "LowRankLinear",
+    "analyze",
     "available_methods",
     "compress_",
     "evaluate",

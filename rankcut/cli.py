@@ -188,12 +188,55 @@ def _format_table(names: list[str], result: dict, baseline: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _parse_tasks(args: argparse.Namespace) -> list[str]:
+    """``--tasks a,b`` checked against the offline loaders; needs ``--data-dir``."""
+    if not args.tasks:
+        if args.data_dir or args.limit is not None:
+            raise CLIError("--data-dir/--limit apply to --tasks; give --tasks too")
+        return []
+    from rankcut.evaluate.tasks import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise CLIError(f"--tasks: unknown task(s) {', '.join(unknown)}; available: {', '.join(TASKS)}")
+    if not args.data_dir:
+        raise CLIError("--tasks needs --data-dir DIR (offline task files laid out like ../shared/data); "
+                       "Hub-based lm-evaluation-harness tasks are not supported")
+    if not os.path.isdir(os.path.expanduser(args.data_dir)):
+        raise CLIError(f"--data-dir {args.data_dir} is not a directory")
+    if args.limit is not None and args.limit < 1:
+        raise CLIError("--limit must be >= 1")
+    return tasks
+
+
+def _format_task_table(result: dict, baseline: dict | None) -> str:
+    """One row per task and metric; with a baseline, dense vs compressed and the change
+    (accuracy: points; perplexity: percent)."""
+    if baseline is None:
+        lines = [f"{'task':<16} {'metric':<11} {'value':>10} {'n':>7}"]
+    else:
+        lines = [f"{'task':<16} {'metric':<11} {'dense':>10} {'compressed':>10} {'change':>9} {'n':>7}"]
+    for task, metrics in result.items():
+        for metric, value in metrics.items():
+            if metric == "n":
+                continue
+            if baseline is None:
+                lines.append(f"{task:<16} {metric:<11} {value:>10.4f} {metrics['n']:>7}")
+            else:
+                dense = baseline[task][metric]
+                change = f"{100 * (value / dense - 1):>+8.2f}%" if metric == "perplexity" else f"{100 * (value - dense):>+7.2f}pt"
+                lines.append(f"{task:<16} {metric:<11} {dense:>10.4f} {value:>10.4f} {change:>9} {metrics['n']:>7}")
+    return "\n".join(lines)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rankcut.compress import count_params
     from rankcut.evaluate import evaluate
 
-    if not args.ppl:
-        raise CLIError("nothing to evaluate: give at least one --ppl TEXT")
+    tasks = _parse_tasks(args)
+    if not args.ppl and not tasks:
+        raise CLIError("nothing to evaluate: give at least one --ppl TEXT or --tasks with --data-dir")
     if args.max_windows is not None and args.max_windows < 1:
         raise CLIError("--max-windows must be >= 1")
     device = resolve_device(args.device)
@@ -202,8 +245,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def run(spec: str) -> tuple[dict, int]:
         model, tokenizer = load_model(spec, dtype, device)
         if tokenizer is None:
-            raise CLIError(f"{spec} has no tokenizer; perplexity on text needs one")
+            raise CLIError(f"{spec} has no tokenizer; perplexity on text and tasks need one")
         result = evaluate(model, tokenizer, args.ppl, args.seq_len, args.max_windows, args.batch_size, device, not args.quiet)
+        if tasks:
+            from rankcut.evaluate.tasks import evaluate_tasks
+
+            result["tasks"] = evaluate_tasks(model, tokenizer, tasks, args.data_dir, args.limit, args.batch_size, device, not args.quiet)
         return result, count_params(model)
 
     result, params = run(args.model)
@@ -214,10 +261,78 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline = base_result["perplexity"]
         output["baseline"] = {"model": args.baseline, "params": base_params, **base_result}
     output.update(argv=sys.argv, environment=environment())
-    print(_format_table(list(result["perplexity"]), result["perplexity"], baseline))
+    if result["perplexity"]:
+        print(_format_table(list(result["perplexity"]), result["perplexity"], baseline))
+    if tasks:
+        print(_format_task_table(result["tasks"], output["baseline"]["tasks"] if baseline is not None else None))
     if baseline is not None:
         print(f"parameters: dense {output['baseline']['params']:,}, compressed {params:,} ({params / output['baseline']['params']:.4f})")
     _write_json(args.json, output)
+    return 0
+
+
+def _parse_thresholds(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--thresholds {text!r}: expected comma-separated numbers in (0, 1], e.g. 0.8,0.9,0.99") from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from rankcut.analyze import analyze, check_thresholds, render_markdown
+    from rankcut.plots import _pyplot, write_plots
+
+    thresholds = check_thresholds(_parse_thresholds(args.thresholds))
+    output = Path(args.output)
+    if output.exists():  # before any work: fail fast, write nothing
+        if not args.overwrite:
+            raise FileExistsError(f"output {output} exists; pass --overwrite to replace it")
+        if not output.is_dir() or (any(output.iterdir()) and not (output / "report.json").exists()):
+            raise CLIError(f"refusing to overwrite {output}: it is not a rankcut analyze report directory")
+    try:
+        _pyplot()
+    except ImportError as err:
+        raise CLIError(str(err)) from None
+    if args.calib is not None and not os.path.exists(args.calib):
+        from rankcut.data import DATASETS
+
+        if args.calib not in DATASETS:
+            raise CLIError(f"--calib {args.calib}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device))
+    if args.calib is not None and tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer; --calib text needs one")
+    report = analyze(
+        model, thresholds, calib=args.calib, tokenizer=tokenizer, calib_samples=args.calib_samples,
+        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, include=args.include or None,
+        exclude=args.exclude or None, device=device, progress=not args.quiet,
+    )
+    import shlex
+
+    argv = getattr(args, "argv", None)
+    argv = ["rankcut", *(sys.argv[1:] if argv is None else argv)]
+    info = {"model": args.model, "command": shlex.join(argv), "argv": argv, "environment": environment()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging.chmod(0o755)
+    try:  # written beside the output and renamed into place: an interrupted run leaves no half report
+        plots = write_plots(report, staging)
+        (staging / "report.json").write_text(json.dumps({**info, **report.to_dict()}, indent=1))
+        (staging / "report.md").write_text(render_markdown(report, info, [p.name for p in plots]))
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    print(report.summary_table("weight"))
+    if "whiten" in report.kinds:
+        print("\nactivation-aware (W·L):")
+        print(report.summary_table("whiten"))
+    print(f"wrote {output}/report.json, report.md, {', '.join(p.name for p in plots)}")
     return 0
 
 
@@ -264,9 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 
-    e = sub.add_parser("eval", help="evaluate perplexity of a model or checkpoint")
+    e = sub.add_parser("eval", help="evaluate perplexity and zero-shot tasks of a model or checkpoint")
     e.add_argument("model", help="rankcut checkpoint, local model directory or Hub id")
     e.add_argument("--ppl", action="append", default=[], metavar="TEXT", help="text file or dataset name (repeatable)")
+    e.add_argument("--tasks", help="comma-separated zero-shot tasks: piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada")
+    e.add_argument("--data-dir", help="offline task files, laid out like ../shared/data (piqa/, arc/, ...)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
     e.add_argument("--baseline", help="also evaluate this (dense) model for a side-by-side table")
     e.add_argument("--seq-len", type=int, help="window length (default min(2048, model max))")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
@@ -276,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write results as JSON here")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("analyze", help="singular values, energy ranks, break-even and speedup bounds of every target")
+    a.add_argument("model", help="Hugging Face Hub id or local model directory")
+    a.add_argument("-o", "--output", required=True, help="report directory to write (report.json, report.md, PNGs)")
+    a.add_argument("--thresholds", default="0.8,0.85,0.9,0.95,0.99", help="comma-separated energy thresholds in (0, 1]")
+    a.add_argument("--calib", help="calibration text file or dataset name: adds the activation-aware spectra of W·L")
+    a.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    a.add_argument("--seq-len", type=int, help="calibration window length (default min(2048, model max))")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--include", action="append", default=[], metavar="PATTERN", help="select targets by name (exact or re:REGEX)")
+    a.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="remove targets by name (exact or re:REGEX)")
+    a.add_argument("--device", default="auto", help="where SVDs and calibration run: auto, cpu, cuda, cuda:N")
+    a.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype (auto: float32 on CPU)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing report directory at --output")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_analyze)
     return parser
 
 
@@ -283,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="rankcut: %(levelname)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (CLIError, ValueError, FileExistsError, FileNotFoundError) as err:
