@@ -60,23 +60,30 @@ def reference_threshold(report: AnalysisReport) -> float:
     return 0.9 if 0.9 in report.thresholds else report.thresholds[len(report.thresholds) // 2]
 
 
-def plot_spectra(report: AnalysisReport, path: Path) -> Path:
-    plt = _pyplot()
-    groups = _by_type(report)
-    fig, axes = _grid(plt, len(groups))
+def _curves(plt, report: AnalysisReport, axes):
+    """For each tensor type's panel, each target and each analysed kind: ``(ax, members, name, target, kind,
+    singular values, colour)``, coloured by layer. The shared loop of the spectrum and energy plots."""
     cmap = plt.get_cmap("viridis")
     layers = sorted({t["layer"] for t in report.targets.values() if t["layer"] is not None}) or [0]
-    for ax, (ttype, members) in zip(axes, groups.items()):
+    for ax, (ttype, members) in zip(axes, _by_type(report).items()):
+        ax.set_title(ttype, fontsize=9)
         for name, t in members:
             shade = (layers.index(t["layer"]) / max(1, len(layers) - 1)) if t["layer"] is not None else 0.0
             for kind in report.kinds:
                 s = torch.tensor(t[kind]["singular_values"], dtype=torch.float64)
-                s = s / s[0] if s.numel() and s[0] > 0 else s
-                label = (f"layer {t['layer']}" if t["layer"] is not None else name) if kind == "weight" else None
-                ax.semilogy(range(1, s.numel() + 1), s.clamp_min(1e-12).tolist(), STYLES[kind], color=cmap(shade),
-                            lw=1, label=label)
+                yield ax, members, name, t, kind, s, cmap(shade)
+
+
+def plot_spectra(report: AnalysisReport, path: Path) -> Path:
+    plt = _pyplot()
+    groups = _by_type(report)
+    fig, axes = _grid(plt, len(groups))
+    for ax, members, name, t, kind, s, colour in _curves(plt, report, axes):
+        s = s / s[0] if s.numel() and s[0] > 0 else s
+        label = (f"layer {t['layer']}" if t["layer"] is not None else name) if kind == "weight" else None
+        ax.semilogy(range(1, s.numel() + 1), s.clamp_min(1e-12).tolist(), STYLES[kind], color=colour, lw=1, label=label)
+    for ax, (ttype, members) in zip(axes, groups.items()):
         ax.axvline(members[0][1]["break_even"], color="red", ls="--", lw=0.8)
-        ax.set_title(ttype, fontsize=9)
         ax.set_xlabel("index i", fontsize=8)
         ax.set_ylabel("σ_i / σ_1", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -129,21 +136,16 @@ def plot_cumulative_energy(report: AnalysisReport, path: Path) -> Path:
     plt = _pyplot()
     groups = _by_type(report)
     fig, axes = _grid(plt, len(groups))
-    cmap = plt.get_cmap("viridis")
-    layers = sorted({t["layer"] for t in report.targets.values() if t["layer"] is not None}) or [0]
+    for ax, members, name, t, kind, s, colour in _curves(plt, report, axes):
+        s2 = s**2
+        cum = (s2.cumsum(0) / s2.sum()).tolist() if s2.sum() > 0 else [1.0] * s2.numel()
+        ax.plot([(i + 1) / t["break_even"] for i in range(len(cum))], cum, STYLES[kind], color=colour, lw=1)
     for ax, (ttype, members) in zip(axes, groups.items()):
-        for name, t in members:
-            shade = (layers.index(t["layer"]) / max(1, len(layers) - 1)) if t["layer"] is not None else 0.0
-            for kind in report.kinds:
-                s2 = torch.tensor(t[kind]["singular_values"], dtype=torch.float64) ** 2
-                cum = (s2.cumsum(0) / s2.sum()).tolist() if s2.sum() > 0 else [1.0] * s2.numel()
-                x = [(i + 1) / t["break_even"] for i in range(len(cum))]
-                ax.plot(x, cum, STYLES[kind], color=cmap(shade), lw=1)
         for th in report.thresholds:
             ax.axhline(th, color="grey", lw=0.5, ls=":")
         ax.axvline(1.0, color="red", ls="--", lw=0.8)
         ax.set_xlim(0, max(1.2, min(2.5, max(len(t["weight"]["singular_values"]) / t["break_even"] for _, t in members))))
-        ax.set_title(ttype, fontsize=8)
+        ax.set_title(ttype, fontsize=8)  # smaller than the default set by _curves
         ax.set_xlabel("rank / break-even rank", fontsize=7)
         ax.set_ylabel("Σσ²(≤r) / Σσ²", fontsize=8)
         ax.tick_params(labelsize=7)
