@@ -21,6 +21,7 @@ from rankcut.io import CheckpointError, load, register_with_transformers, save  
 from rankcut.layers import LowRankLinear  # noqa: E402
 from rankcut.methods import available_methods, register as register_method  # noqa: E402
 from rankcut.summary import CompressionSummary  # noqa: E402
+from rankcut.sweep import sweep  # noqa: E402
 from rankcut.targets import find_targets  # noqa: E402
 
 register_with_transformers()
@@ -40,4 +41,5 @@ __all__ = [
     "perplexity",
     "register_method",
     "save",
+    "sweep",
 ]

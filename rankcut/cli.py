@@ -230,13 +230,72 @@ def _format_task_table(result: dict, baseline: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _format_fidelity_table(fidelity: dict) -> str:
+    """Markdown: one row per text and metric, dense (the model against itself: 1) vs compressed."""
+    lines = ["| text | metric | dense | compressed | change | n |", "|---|---|---|---|---|---|"]
+    for name, values in fidelity.items():
+        for metric in ("mean_cosine", "min_cosine", "nn_agreement"):
+            value = values[metric]
+            lines.append(f"| {name} | {metric} | 1.0000 | {value:.4f} | {value - 1:+.4f} | {values['n']} |")
+    return "\n".join(lines)
+
+
+def _markdown_report(output: dict, tasks: list[str]) -> str:
+    """The dense-vs-compressed tables of ``rankcut eval`` as a Markdown document."""
+    base = output.get("baseline")
+    parts = [f"# rankcut eval: {output['model']}", ""]
+    if base is not None:
+        parts += [f"Baseline (dense): {base['model']}; parameters: dense {base['params']:,}, compressed "
+                  f"{output['params']:,} ({output['params'] / base['params']:.4f}).", ""]
+    if output["perplexity"]:
+        parts += ["## Perplexity", ""]
+        if base is None:
+            parts += ["| text | perplexity |", "|---|---|"]
+            parts += [f"| {name} | {value:.4f} |" for name, value in output["perplexity"].items()]
+        else:
+            parts += ["| text | dense | compressed | change |", "|---|---|---|---|"]
+            for name, comp in output["perplexity"].items():
+                dense = base["perplexity"][name]
+                parts.append(f"| {name} | {dense:.4f} | {comp:.4f} | {100 * (comp / dense - 1):+.2f}% |")
+        parts.append("")
+    if tasks:
+        parts += ["## Tasks", ""]
+        if base is None:
+            parts += ["| task | metric | value | n |", "|---|---|---|---|"]
+        else:
+            parts += ["| task | metric | dense | compressed | change | n |", "|---|---|---|---|---|---|"]
+        for task, metrics in output["tasks"].items():
+            for metric, value in metrics.items():
+                if metric == "n":
+                    continue
+                if base is None:
+                    parts.append(f"| {task} | {metric} | {value:.4f} | {metrics['n']} |")
+                else:
+                    dense = base["tasks"][task][metric]
+                    change = f"{100 * (value / dense - 1):+.2f}%" if metric == "perplexity" else f"{100 * (value - dense):+.2f}pt"
+                    parts.append(f"| {task} | {metric} | {dense:.4f} | {value:.4f} | {change} | {metrics['n']} |")
+        parts.append("")
+    if output.get("fidelity"):
+        parts += ["## Embedding fidelity", "", _format_fidelity_table(output["fidelity"]), ""]
+    return "\n".join(parts)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rankcut.compress import count_params
     from rankcut.evaluate import evaluate
 
     tasks = _parse_tasks(args)
-    if not args.ppl and not tasks:
-        raise CLIError("nothing to evaluate: give at least one --ppl TEXT or --tasks with --data-dir")
+    fidelity_texts = getattr(args, "fidelity", None) or []
+    if fidelity_texts:
+        if not args.baseline:
+            raise CLIError("--fidelity compares against the dense model: give --baseline DENSE")
+        if args.max_sentences < 2:
+            raise CLIError("--max-sentences must be >= 2")
+        for text in fidelity_texts:
+            if not os.path.isfile(os.path.expanduser(text)):
+                raise CLIError(f"--fidelity {text}: no such file")
+    if not args.ppl and not tasks and not fidelity_texts:
+        raise CLIError("nothing to evaluate: give at least one --ppl TEXT, --tasks with --data-dir, or --fidelity TEXT")
     if args.max_windows is not None and args.max_windows < 1:
         raise CLIError("--max-windows must be >= 1")
     device = resolve_device(args.device)
@@ -251,6 +310,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from rankcut.evaluate.tasks import evaluate_tasks
 
             result["tasks"] = evaluate_tasks(model, tokenizer, tasks, args.data_dir, args.limit, args.batch_size, device, not args.quiet)
+        if fidelity_texts:
+            from rankcut.evaluate.fidelity import read_sentences, sentence_embeddings
+
+            result["_embeddings"] = {
+                Path(text).stem: sentence_embeddings(
+                    model, tokenizer, read_sentences(os.path.expanduser(text), args.max_sentences), args.batch_size, device
+                )
+                for text in fidelity_texts
+            }
         return result, count_params(model)
 
     result, params = run(args.model)
@@ -260,6 +328,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base_result, base_params = run(args.baseline)
         baseline = base_result["perplexity"]
         output["baseline"] = {"model": args.baseline, "params": base_params, **base_result}
+    if fidelity_texts:
+        from rankcut.evaluate.fidelity import compare_embeddings
+
+        embeddings, dense_embeddings = output.pop("_embeddings"), output["baseline"].pop("_embeddings")
+        output["fidelity"] = {name: compare_embeddings(embeddings[name], dense_embeddings[name]) for name in embeddings}
     output.update(argv=sys.argv, environment=environment())
     if result["perplexity"]:
         print(_format_table(list(result["perplexity"]), result["perplexity"], baseline))
@@ -267,7 +340,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(_format_task_table(result["tasks"], output["baseline"]["tasks"] if baseline is not None else None))
     if baseline is not None:
         print(f"parameters: dense {output['baseline']['params']:,}, compressed {params:,} ({params / output['baseline']['params']:.4f})")
+    if fidelity_texts:
+        print(_format_fidelity_table(output["fidelity"]))
     _write_json(args.json, output)
+    if getattr(args, "markdown", None):
+        target = Path(args.markdown)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(_markdown_report(output, tasks))
     return 0
 
 
@@ -336,6 +415,68 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_list(flag: str, text: str, kind=str) -> list:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        return [kind(x) for x in items]
+    except ValueError:
+        raise CLIError(f"{flag} {text!r}: expected a comma-separated list of numbers") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from rankcut.methods import available_methods, get_method
+    from rankcut.sweep import check_grid, sweep
+
+    methods = _parse_list("--methods", args.methods)
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise CLIError(f"--methods: unknown method(s) {', '.join(unknown)}; available: {', '.join(available_methods())}")
+    keeps = _parse_list("--keep", args.keep, float)
+    bad = [k for k in keeps if not 0 < k <= 1]
+    if bad:
+        raise CLIError(f"--keep: values must be in (0, 1], got {', '.join(map(str, bad))}")
+    check_grid(methods, keeps)
+    if not args.ppl:
+        raise CLIError("sweep needs at least one --ppl TEXT")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise CLIError("--max-windows must be >= 1")
+    if any(get_method(m).stat for m in methods) and args.calib is None:
+        raise CLIError("methods " + ", ".join(m for m in methods if get_method(m).stat) + " need --calib")
+    for flag, source in [("--calib", args.calib)] + [("--ppl", p) for p in args.ppl]:
+        if source is not None and not os.path.exists(source):
+            from rankcut.data import DATASETS
+
+            if source not in DATASETS:
+                raise CLIError(f"{flag} {source}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    try:
+        from rankcut.plots import _pyplot
+
+        _pyplot()
+    except ImportError as err:
+        raise CLIError(str(err)) from None
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device)
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer; calibration and perplexity need one")
+    argv = getattr(args, "argv", None)
+    argv = ["rankcut", *(sys.argv[1:] if argv is None else argv)]
+    info = {"model": args.model, "command": shlex.join(argv), "argv": argv, "seed": args.seed, "device": device,
+            "environment": environment()}
+    results = sweep(
+        model, tokenizer, args.output, methods, keeps, calib=args.calib, ppl=args.ppl, calib_samples=args.calib_samples,
+        seq_len=args.seq_len, seed=args.seed, max_windows=args.max_windows, eval_seq_len=args.eval_seq_len,
+        batch_size=args.batch_size, device=device, overwrite=args.overwrite, progress=not args.quiet, info=info,
+    )
+    from rankcut.sweep import render_markdown
+
+    print(render_markdown(results))
+    print(f"wrote {args.output}/results.json, results.md, quality_vs_keep.png "
+          f"({len(results['computed'])} of {len(results['points'])} points computed now)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -391,7 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    e.add_argument("--fidelity", action="append", default=[], metavar="TEXT",
+                   help="encoders: embedding fidelity against --baseline on the lines of this text file (repeatable)")
+    e.add_argument("--max-sentences", type=int, default=500, help="--fidelity: use the first N sentences (default 500)")
     e.add_argument("--json", help="write results as JSON here")
+    e.add_argument("--markdown", help="write the dense-vs-compressed tables as Markdown here")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
@@ -411,6 +556,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing report directory at --output")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=cmd_analyze)
+    w = sub.add_parser("sweep", help="compress at each (method, keep) pair, evaluate each, tabulate and plot")
+    w.add_argument("model", help="Hugging Face Hub id or local model directory")
+    w.add_argument("--methods", default="svd,asvd,whiten", help="comma-separated methods (default svd,asvd,whiten)")
+    w.add_argument("--keep", default="0.9,0.8,0.6", help="comma-separated keep fractions in (0, 1] (default 0.9,0.8,0.6)")
+    w.add_argument("--calib", help="calibration text file or dataset name (computed once, shared by all points)")
+    w.add_argument("--ppl", action="append", default=[], metavar="TEXT", help="perplexity text file or dataset (repeatable)")
+    w.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    w.add_argument("--seq-len", type=int, help="calibration window length (default min(2048, model max))")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--max-windows", type=int, help="evaluate only the first N windows of each text")
+    w.add_argument("--eval-seq-len", type=int, help="perplexity window length (default min(2048, model max))")
+    w.add_argument("--batch-size", type=int, default=8)
+    w.add_argument("--device", default="auto")
+    w.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    w.add_argument("-o", "--output", required=True, help="sweep directory (resumable: finished points are skipped)")
+    w.add_argument("--overwrite", action="store_true", help="discard an existing sweep with different settings")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -177,20 +177,99 @@ def compress_(
                 _run_full(model, targets, windows, work, progress)
     finally:
         model.train(was_training)
-    timer.times["total"] = time.perf_counter() - start
-    rows = [work.rows[name] for name in order]
+    return _finish(model, config, work, order, params_before, start, 0 if windows is None else windows.numel(), calib)
+
+
+def _finish(model, config, work: _Compressor, order, params_before: int, start: float, calib_tokens: int, calib) -> CompressionSummary:
+    """Build the summary, attach the record and log the table (shared by compress_ and compress_with_stats_)."""
+    work.timer.times["total"] = time.perf_counter() - start
+    device = work.device
     summary = CompressionSummary(
         method=config.method,
-        rows=rows,
+        rows=[work.rows[name] for name in order],
         model_params_before=params_before,
         model_params_after=count_params(model),
-        times=timer.times,
+        times=work.timer.times,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        calib_tokens=0 if windows is None else windows.numel(),
+        calib_tokens=calib_tokens,
     )
     _attach_record(model, config, summary, calib)
     log.info("\n%s", summary.table())
     return summary
+
+
+class _StatRecorder:
+    """Stands in for a :class:`_Compressor` in the runners: records each target's statistic, swaps nothing."""
+
+    def __init__(self, kind: str, config: CompressConfig, device: torch.device) -> None:
+        self.spec = type("Spec", (), {"stat": kind})()
+        self.config, self.device, self.timer = config, device, _Timer()
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def decompose(self, name: str, module: nn.Module, stat: torch.Tensor) -> None:
+        self.stats[name] = stat.detach().cpu()
+
+
+def dense_stats(
+    model: nn.Module,
+    kind: str,
+    windows: torch.Tensor,
+    config: CompressConfig | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-target calibration statistic ``kind`` (``gram`` or ``absmean``) of the *dense* model.
+
+    Runs the same block-by-block (or, with ``config.layerwise=False``, whole-model) pass as
+    :func:`compress_` (non-sequential), without changing the model, so one set of statistics can serve
+    several :func:`compress_with_stats_` calls with the same calibration data.
+    """
+    config = config or CompressConfig()
+    if config.sequential:
+        raise ValueError("dense statistics cannot be shared with sequential calibration")
+    targets = find_targets(model, config.include, config.exclude)
+    device = resolve_device(device, model)
+    work = _StatRecorder(kind, config, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            (_run_layerwise if config.layerwise else _run_full)(model, dict(targets), windows, work, progress)
+    finally:
+        model.train(was_training)
+    return work.stats
+
+
+def compress_with_stats_(
+    model: nn.Module,
+    config: CompressConfig,
+    stats: dict[str, torch.Tensor] | None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    calib=None,
+    calib_tokens: int = 0,
+) -> CompressionSummary:
+    """Like :func:`compress_`, but with precomputed per-target statistics (see :func:`dense_stats`).
+
+    Equals ``compress_`` with non-sequential calibration on the same data. ``stats`` may be None for
+    methods that need no statistic.
+    """
+    start = time.perf_counter()
+    targets = find_targets(model, config.include, config.exclude)
+    check_finite_weights(model)
+    order = list(targets)
+    device = resolve_device(device, model)
+    work = _Compressor(model, config, device, _Timer())
+    if work.spec.stat is not None:
+        missing = [name for name in order if not stats or name not in stats]
+        if missing:
+            raise ValueError(f"method {config.method!r} needs statistics; none given for {missing[:3]}")
+    params_before = count_params(model)
+    with torch.no_grad():
+        for name in tqdm(order, desc="decompose", disable=not progress):
+            stat = None if work.spec.stat is None else stats[name]
+            work.decompose(name, targets.pop(name), stat)
+    return _finish(model, config, work, order, params_before, start, calib_tokens, calib)
 
 
 def _attach_record(model: nn.Module, config: CompressConfig, summary: CompressionSummary, calib) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 import rankcut
 from rankcut.data import tokenize
+from rankcut.evaluate.fidelity import embedding_fidelity
 from rankcut.layers import LowRankLinear
 
 from conftest import shared_path
@@ -180,25 +180,6 @@ def held_out_sentences(path, count: int) -> list[str]:
     raise AssertionError(f"{path} holds only {len(sentences)} usable sentences")
 
 
-def sentence_embeddings(model, tokenizer, sentences: list[str], batch_size: int = 50) -> torch.Tensor:
-    """Mean-pooled (over real tokens), L2-normalised last hidden states: the sentence-transformers embedding."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(sentences), batch_size):
-            batch = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True, max_length=128,
-                              return_tensors="pt")
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
-def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
-    sim = embeddings @ embeddings.T
-    sim.fill_diagonal_(-2.0)
-    return sim.argmax(1)
-
-
 @pytest.fixture(scope="module")
 def minilm():
     package = pytest.importorskip(
@@ -215,17 +196,17 @@ def minilm():
     column = lambda token: torch.full((MINILM_CALIB_WINDOWS, 1), token, dtype=ids.dtype)  # noqa: E731
     calib = torch.cat([column(tokenizer.cls_token_id), ids, column(tokenizer.sep_token_id)], dim=1)
     sentences = held_out_sentences(wiki / "wiki.test.raw", MINILM_SENTENCES)
-    dense = sentence_embeddings(model, tokenizer, sentences)
 
     def fidelity(method: str, keep: float = 0.8) -> dict:
         work = copy.deepcopy(model)
         config = rankcut.CompressConfig(method=method, keep=keep, calib_samples=MINILM_CALIB_WINDOWS,
                                         seq_len=MINILM_SEQ, sampling="first")
         summary = rankcut.compress_(work, config, calib=calib, progress=False)
-        emb = sentence_embeddings(work, tokenizer, sentences)
+        got = embedding_fidelity(work, model, tokenizer, sentences, batch_size=50, max_length=MINILM_SEQ)
+        assert got["n"] == MINILM_SENTENCES
         return {
-            "cosine": (emb * dense).sum(1).mean().item(),
-            "nn_agreement": (nearest_neighbours(emb) == nearest_neighbours(dense)).float().mean().item(),
+            "cosine": got["mean_cosine"],
+            "nn_agreement": got["nn_agreement"],
             "keep_model": summary.keep_model,
             "low_rank_layers": sum(isinstance(m, LowRankLinear) for m in work.modules()),
         }
