@@ -97,14 +97,18 @@ def environment() -> dict:
     return info
 
 
-def _write_json(path: str | None, data: dict) -> None:
-    if not path:
-        return
+def _write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file atomically (a hidden temporary beside it, then a rename): never half-written."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     tmp.replace(target)
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        _write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def parse_override(text: str) -> tuple[str, dict]:
@@ -210,6 +214,22 @@ def _parse_tasks(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
+def _task_rows(result: dict, baseline: dict | None) -> list[tuple]:
+    """``(task, metric, dense, value, change, unit, n)`` per task and metric; ``dense``/``change`` are None
+    without a baseline. The change is in percent for perplexity, in accuracy points otherwise."""
+    rows = []
+    for task, metrics in result.items():
+        for metric, value in metrics.items():
+            if metric == "n":
+                continue
+            dense = change = unit = None
+            if baseline is not None:
+                dense = baseline[task][metric]
+                change, unit = (100 * (value / dense - 1), "%") if metric == "perplexity" else (100 * (value - dense), "pt")
+            rows.append((task, metric, dense, value, change, unit, metrics["n"]))
+    return rows
+
+
 def _format_task_table(result: dict, baseline: dict | None) -> str:
     """One row per task and metric; with a baseline, dense vs compressed and the change
     (accuracy: points; perplexity: percent)."""
@@ -217,16 +237,12 @@ def _format_task_table(result: dict, baseline: dict | None) -> str:
         lines = [f"{'task':<16} {'metric':<11} {'value':>10} {'n':>7}"]
     else:
         lines = [f"{'task':<16} {'metric':<11} {'dense':>10} {'compressed':>10} {'change':>9} {'n':>7}"]
-    for task, metrics in result.items():
-        for metric, value in metrics.items():
-            if metric == "n":
-                continue
-            if baseline is None:
-                lines.append(f"{task:<16} {metric:<11} {value:>10.4f} {metrics['n']:>7}")
-            else:
-                dense = baseline[task][metric]
-                change = f"{100 * (value / dense - 1):>+8.2f}%" if metric == "perplexity" else f"{100 * (value - dense):>+7.2f}pt"
-                lines.append(f"{task:<16} {metric:<11} {dense:>10.4f} {value:>10.4f} {change:>9} {metrics['n']:>7}")
+    for task, metric, dense, value, change, unit, n in _task_rows(result, baseline):
+        if dense is None:
+            lines.append(f"{task:<16} {metric:<11} {value:>10.4f} {n:>7}")
+        else:
+            text = f"{change:>+8.2f}%" if unit == "%" else f"{change:>+7.2f}pt"
+            lines.append(f"{task:<16} {metric:<11} {dense:>10.4f} {value:>10.4f} {text:>9} {n:>7}")
     return "\n".join(lines)
 
 
@@ -264,16 +280,11 @@ def _markdown_report(output: dict, tasks: list[str]) -> str:
             parts += ["| task | metric | value | n |", "|---|---|---|---|"]
         else:
             parts += ["| task | metric | dense | compressed | change | n |", "|---|---|---|---|---|---|"]
-        for task, metrics in output["tasks"].items():
-            for metric, value in metrics.items():
-                if metric == "n":
-                    continue
-                if base is None:
-                    parts.append(f"| {task} | {metric} | {value:.4f} | {metrics['n']} |")
-                else:
-                    dense = base["tasks"][task][metric]
-                    change = f"{100 * (value / dense - 1):+.2f}%" if metric == "perplexity" else f"{100 * (value - dense):+.2f}pt"
-                    parts.append(f"| {task} | {metric} | {dense:.4f} | {value:.4f} | {change} | {metrics['n']} |")
+        for task, metric, dense, value, change, unit, n in _task_rows(output["tasks"], base and base["tasks"]):
+            if dense is None:
+                parts.append(f"| {task} | {metric} | {value:.4f} | {n} |")
+            else:
+                parts.append(f"| {task} | {metric} | {dense:.4f} | {value:.4f} | {change:+.2f}{unit} | {n} |")
         parts.append("")
     if output.get("fidelity"):
         parts += ["## Embedding fidelity", "", _format_fidelity_table(output["fidelity"]), ""]
@@ -344,9 +355,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(_format_fidelity_table(output["fidelity"]))
     _write_json(args.json, output)
     if getattr(args, "markdown", None):
-        target = Path(args.markdown)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(_markdown_report(output, tasks))
+        _write_text(args.markdown, _markdown_report(output, tasks))
     return 0
 
 
@@ -366,11 +375,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     thresholds = check_thresholds(_parse_thresholds(args.thresholds))
     output = Path(args.output)
-    if output.exists():  # before any work: fail fast, write nothing
-        if not args.overwrite:
-            raise FileExistsError(f"output {output} exists; pass --overwrite to replace it")
-        if not output.is_dir() or (any(output.iterdir()) and not (output / "report.json").exists()):
-            raise CLIError(f"refusing to overwrite {output}: it is not a rankcut analyze report directory")
+    from rankcut.io import check_output
+
+    check_output(output, args.overwrite, marker="report.json", kind="rankcut analyze report")  # before any work
     try:
         _pyplot()
     except ImportError as err:

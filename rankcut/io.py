@@ -83,21 +83,22 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> None:
-    """Raise unless ``path`` may receive a checkpoint: absent, or (with ``overwrite``) an empty directory or a
-    rankcut checkpoint. A non-empty directory that is not a checkpoint is never overwritten.
+def check_output(path: str | os.PathLike, overwrite: bool, marker: str = RECORD, kind: str = "rankcut checkpoint") -> None:
+    """Raise unless ``path`` may receive an output: absent, or (with ``overwrite``) an empty directory or a
+    directory holding ``marker`` (an earlier output of the same ``kind``). A non-empty directory of anything
+    else is never overwritten.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
-        ValueError: ``path`` is a file or a non-empty directory that is not a rankcut checkpoint.
+        ValueError: ``path`` is a file or a non-empty directory without ``marker``.
     """
     path = Path(path)
     if not path.exists():
         return
     if not overwrite:
         raise FileExistsError(f"output {path} exists; pass overwrite=True (--overwrite) to replace it")
-    if not path.is_dir() or (any(path.iterdir()) and not (path / RECORD).exists()):
-        raise ValueError(f"refusing to overwrite {path}: it is not a rankcut checkpoint directory")
+    if not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists()):
+        raise ValueError(f"refusing to overwrite {path}: it is not a {kind} directory")
 
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
