@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -94,7 +95,20 @@ def environment() -> dict:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     }
+    for name in ("lm_eval", "peft", "triton"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", "?")
     return info
+
+
+def invocation(args: argparse.Namespace) -> dict:
+    """The command line that produced an output (to re-run it) and the environment it ran in."""
+    import shlex
+
+    argv = getattr(args, "argv", None)
+    argv = ["rankcut", *(sys.argv[1:] if argv is None else argv)]
+    return {"command": shlex.join(argv), "argv": argv, "environment": environment()}
 
 
 def _write_text(path: str | os.PathLike, text: str) -> None:
@@ -131,17 +145,12 @@ def parse_override(text: str) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------------------ commands
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from rankcut import CompressConfig, compress_, save
-    from rankcut.io import check_output
+def compress_config(args: argparse.Namespace, **fixed):
+    """A CompressConfig from the compression flags shared by ``compress`` and ``sweep`` (plus ``fixed``)."""
+    from rankcut import CompressConfig
 
-    overrides = dict(parse_override(o) for o in args.override)
-    config = CompressConfig(
-        method=args.method,
-        keep=args.keep,
-        energy=args.energy,
-        rank=args.rank,
-        overrides=overrides,
+    return CompressConfig(
+        overrides=dict(parse_override(o) for o in args.override),
         include=args.include,
         exclude=args.exclude,
         solver=args.solver,
@@ -154,9 +163,36 @@ def cmd_compress(args: argparse.Namespace) -> int:
         sampling=args.sampling,
         batch_size=args.batch_size,
         layerwise=not args.full_model,
-        sequential=args.sequential,
         svd_dtype=args.svd_dtype,
+        **fixed,
     )
+
+
+def add_compress_flags(p: argparse.ArgumentParser) -> None:
+    """Target selection, per-target overrides, solver and calibration flags of ``compress`` and ``sweep``."""
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=RULE",
+                   help="per-target rule, e.g. 're:down_proj=keep:0.9', 'model.layers.0.mlp.up_proj=dense'")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="select targets by name (exact or re:REGEX)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="remove targets by name (exact or re:REGEX)")
+    p.add_argument("--solver", default="exact", help="exact or randomized")
+    p.add_argument("--oversample", type=int, default=16, help="randomized SVD oversampling (default 16)")
+    p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default 2)")
+    p.add_argument("--alpha", type=float, default=0.5, help="ASVD activation exponent (default 0.5)")
+    p.add_argument("--svd-dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, help="calibration window length (default min(2048, model max))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", default="random", choices=["random", "first"], help="random or first windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--full-model", action="store_true", help="hook the whole model at once instead of block by block")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from rankcut import compress_, save
+    from rankcut.io import check_output
+
+    config = compress_config(args, method=args.method, keep=args.keep, energy=args.energy, rank=args.rank,
+                             sequential=args.sequential)
     output = Path(args.output)
     check_output(output, args.overwrite)  # before any work: fail fast, write nothing
     from rankcut.methods import get_method
@@ -173,7 +209,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     summary = compress_(model, config, calib=args.calib, tokenizer=tokenizer, device=device, progress=not args.quiet)
     print(summary.table())
     save(model, output, tokenizer=tokenizer, overwrite=args.overwrite)
-    _write_json(args.summary_json, {"summary": summary.to_dict(), "config": config.to_dict(), "argv": sys.argv, "environment": environment()})
+    _write_json(args.summary_json, {"summary": summary.to_dict(), "config": config.to_dict(), **invocation(args)})
     print(f"saved {output}")
     return 0
 
@@ -193,40 +229,60 @@ def _format_table(names: list[str], result: dict, baseline: dict | None) -> str:
 
 
 def _parse_tasks(args: argparse.Namespace) -> list[str]:
-    """``--tasks a,b`` checked against the offline loaders; needs ``--data-dir``."""
+    """``--tasks a,b``: with ``--data-dir``, the offline tasks (rankcut's scorer, or lm-eval's with
+    ``--harness``); without, any lm-evaluation-harness task on its Hub data."""
     if not args.tasks:
-        if args.data_dir or args.limit is not None:
-            raise CLIError("--data-dir/--limit apply to --tasks; give --tasks too")
+        if args.data_dir or args.limit is not None or args.harness:
+            raise CLIError("--data-dir/--limit/--harness apply to --tasks; give --tasks too")
         return []
     from rankcut.evaluate.tasks import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise CLIError(f"--tasks: unknown task(s) {', '.join(unknown)}; available: {', '.join(TASKS)}")
-    if not args.data_dir:
-        raise CLIError("--tasks needs --data-dir DIR (offline task files laid out like ../shared/data); "
-                       "Hub-based lm-evaluation-harness tasks are not supported")
-    if not os.path.isdir(os.path.expanduser(args.data_dir)):
-        raise CLIError(f"--data-dir {args.data_dir} is not a directory")
+    if not tasks:
+        raise CLIError("--tasks: no task named")
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be >= 1")
+    if not args.data_dir:
+        return tasks  # lm-eval checks the names against its own index
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise CLIError(f"--tasks: unknown offline task(s) {', '.join(unknown)}; with --data-dir the tasks are "
+                       f"{', '.join(TASKS)} (drop --data-dir to run any lm-eval task on its Hub data)")
+    if not os.path.isdir(os.path.expanduser(args.data_dir)):
+        raise CLIError(f"--data-dir {args.data_dir} is not a directory")
     return tasks
 
 
+def _run_tasks(args: argparse.Namespace, model, tokenizer, tasks: list[str], device) -> dict:
+    """The ``--tasks`` of ``rankcut eval``: rankcut's offline scorer, or lm-evaluation-harness."""
+    if args.data_dir and not args.harness:
+        from rankcut.evaluate.tasks import evaluate_tasks
+
+        return evaluate_tasks(model, tokenizer, tasks, args.data_dir, args.limit, args.batch_size, device, not args.quiet)
+    from rankcut.evaluate.harness import evaluate_harness
+
+    try:
+        return evaluate_harness(model, tokenizer, tasks, args.data_dir, args.limit, args.batch_size)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
 def _task_rows(result: dict, baseline: dict | None) -> list[tuple]:
-    """``(task, metric, dense, value, change, unit, n)`` per task and metric; ``dense``/``change`` are None
-    without a baseline. The change is in percent for perplexity, in accuracy points otherwise."""
+    """``(task, metric, dense, value, change, unit, n, stderr)`` per task and metric; ``dense``/``change`` are
+    None without a baseline, ``stderr`` (of ``value``) is "" where not reported. The change is in percent for
+    perplexity, in accuracy points otherwise."""
     rows = []
     for task, metrics in result.items():
         for metric, value in metrics.items():
-            if metric == "n":
+            if metric == "n" or metric.endswith("_stderr"):  # standard errors stay in the JSON
                 continue
             dense = change = unit = None
             if baseline is not None:
                 dense = baseline[task][metric]
                 change, unit = (100 * (value / dense - 1), "%") if metric == "perplexity" else (100 * (value - dense), "pt")
-            rows.append((task, metric, dense, value, change, unit, metrics["n"]))
+            err = metrics.get(f"{metric}_stderr")
+            err = f"{err:.4f}" if isinstance(err, float) and math.isfinite(err) else ""
+            rows.append((task, metric, dense, value, change, unit, metrics.get("n", ""), err))
     return rows
 
 
@@ -234,15 +290,15 @@ def _format_task_table(result: dict, baseline: dict | None) -> str:
     """One row per task and metric; with a baseline, dense vs compressed and the change
     (accuracy: points; perplexity: percent)."""
     if baseline is None:
-        lines = [f"{'task':<16} {'metric':<11} {'value':>10} {'n':>7}"]
+        lines = [f"{'task':<16} {'metric':<11} {'value':>10} {'± s.e.':>8} {'n':>7}"]
     else:
-        lines = [f"{'task':<16} {'metric':<11} {'dense':>10} {'compressed':>10} {'change':>9} {'n':>7}"]
-    for task, metric, dense, value, change, unit, n in _task_rows(result, baseline):
+        lines = [f"{'task':<16} {'metric':<11} {'dense':>10} {'compressed':>10} {'± s.e.':>8} {'change':>9} {'n':>7}"]
+    for task, metric, dense, value, change, unit, n, err in _task_rows(result, baseline):
         if dense is None:
-            lines.append(f"{task:<16} {metric:<11} {value:>10.4f} {n:>7}")
+            lines.append(f"{task:<16} {metric:<11} {value:>10.4f} {err:>8} {n:>7}")
         else:
             text = f"{change:>+8.2f}%" if unit == "%" else f"{change:>+7.2f}pt"
-            lines.append(f"{task:<16} {metric:<11} {dense:>10.4f} {value:>10.4f} {text:>9} {n:>7}")
+            lines.append(f"{task:<16} {metric:<11} {dense:>10.4f} {value:>10.4f} {err:>8} {text:>9} {n:>7}")
     return "\n".join(lines)
 
 
@@ -277,14 +333,14 @@ def _markdown_report(output: dict, tasks: list[str]) -> str:
     if tasks:
         parts += ["## Tasks", ""]
         if base is None:
-            parts += ["| task | metric | value | n |", "|---|---|---|---|"]
+            parts += ["| task | metric | value | ± s.e. | n |", "|---|---|---|---|---|"]
         else:
-            parts += ["| task | metric | dense | compressed | change | n |", "|---|---|---|---|---|---|"]
-        for task, metric, dense, value, change, unit, n in _task_rows(output["tasks"], base and base["tasks"]):
+            parts += ["| task | metric | dense | compressed | ± s.e. | change | n |", "|---|---|---|---|---|---|---|"]
+        for task, metric, dense, value, change, unit, n, err in _task_rows(output["tasks"], base and base["tasks"]):
             if dense is None:
-                parts.append(f"| {task} | {metric} | {value:.4f} | {n} |")
+                parts.append(f"| {task} | {metric} | {value:.4f} | {err} | {n} |")
             else:
-                parts.append(f"| {task} | {metric} | {dense:.4f} | {value:.4f} | {change:+.2f}{unit} | {n} |")
+                parts.append(f"| {task} | {metric} | {dense:.4f} | {value:.4f} | {err} | {change:+.2f}{unit} | {n} |")
         parts.append("")
     if output.get("fidelity"):
         parts += ["## Embedding fidelity", "", _format_fidelity_table(output["fidelity"]), ""]
@@ -306,7 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if not os.path.isfile(os.path.expanduser(text)):
                 raise CLIError(f"--fidelity {text}: no such file")
     if not args.ppl and not tasks and not fidelity_texts:
-        raise CLIError("nothing to evaluate: give at least one --ppl TEXT, --tasks with --data-dir, or --fidelity TEXT")
+        raise CLIError("nothing to evaluate: give at least one --ppl TEXT, --tasks NAMES, or --fidelity TEXT")
     if args.max_windows is not None and args.max_windows < 1:
         raise CLIError("--max-windows must be >= 1")
     device = resolve_device(args.device)
@@ -318,9 +374,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"{spec} has no tokenizer; perplexity on text and tasks need one")
         result = evaluate(model, tokenizer, args.ppl, args.seq_len, args.max_windows, args.batch_size, device, not args.quiet)
         if tasks:
-            from rankcut.evaluate.tasks import evaluate_tasks
-
-            result["tasks"] = evaluate_tasks(model, tokenizer, tasks, args.data_dir, args.limit, args.batch_size, device, not args.quiet)
+            result["tasks"] = _run_tasks(args, model, tokenizer, tasks, device)
         if fidelity_texts:
             from rankcut.evaluate.fidelity import read_sentences, sentence_embeddings
 
@@ -344,7 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         embeddings, dense_embeddings = output.pop("_embeddings"), output["baseline"].pop("_embeddings")
         output["fidelity"] = {name: compare_embeddings(embeddings[name], dense_embeddings[name]) for name in embeddings}
-    output.update(argv=sys.argv, environment=environment())
+    output.update(invocation(args))
     if result["perplexity"]:
         print(_format_table(list(result["perplexity"]), result["perplexity"], baseline))
     if tasks:
@@ -396,11 +450,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, include=args.include or None,
         exclude=args.exclude or None, device=device, progress=not args.quiet,
     )
-    import shlex
-
-    argv = getattr(args, "argv", None)
-    argv = ["rankcut", *(sys.argv[1:] if argv is None else argv)]
-    info = {"model": args.model, "command": shlex.join(argv), "argv": argv, "environment": environment()}
+    info = {"model": args.model, **invocation(args)}
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     staging.chmod(0o755)
@@ -431,7 +481,6 @@ def _parse_list(flag: str, text: str, kind=str) -> list:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import shlex
 
     from rankcut.methods import available_methods, get_method
     from rankcut.sweep import check_grid, sweep
@@ -445,6 +494,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if bad:
         raise CLIError(f"--keep: values must be in (0, 1], got {', '.join(map(str, bad))}")
     check_grid(methods, keeps)
+    base = compress_config(args)  # validates the shared settings before any work
     if not args.ppl:
         raise CLIError("sweep needs at least one --ppl TEXT")
     if args.max_windows is not None and args.max_windows < 1:
@@ -452,11 +502,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if any(get_method(m).stat for m in methods) and args.calib is None:
         raise CLIError("methods " + ", ".join(m for m in methods if get_method(m).stat) + " need --calib")
     for flag, source in [("--calib", args.calib)] + [("--ppl", p) for p in args.ppl]:
-        if source is not None and not os.path.exists(source):
-            from rankcut.data import DATASETS
-
-            if source not in DATASETS:
-                raise CLIError(f"{flag} {source}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+        _check_source(flag, source)
     try:
         from rankcut.plots import _pyplot
 
@@ -467,14 +513,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device)
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer; calibration and perplexity need one")
-    argv = getattr(args, "argv", None)
-    argv = ["rankcut", *(sys.argv[1:] if argv is None else argv)]
-    info = {"model": args.model, "command": shlex.join(argv), "argv": argv, "seed": args.seed, "device": device,
-            "environment": environment()}
+    info = {"model": args.model, "seed": args.seed, "device": device, **invocation(args)}
     results = sweep(
         model, tokenizer, args.output, methods, keeps, calib=args.calib, ppl=args.ppl, calib_samples=args.calib_samples,
         seq_len=args.seq_len, seed=args.seed, max_windows=args.max_windows, eval_seq_len=args.eval_seq_len,
         batch_size=args.batch_size, device=device, overwrite=args.overwrite, progress=not args.quiet, info=info,
+        base=base,
     )
     from rankcut.sweep import render_markdown
 
@@ -482,6 +526,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}/results.json, results.md, quality_vs_keep.png "
           f"({len(results['computed'])} of {len(results['points'])} points computed now)")
     return 0
+
+
+def _check_source(flag: str, source: str | None) -> None:
+    """A text source must be an existing file or a known dataset name."""
+    if source is not None and not os.path.exists(os.path.expanduser(source)):
+        from rankcut.data import DATASETS
+
+        if source not in DATASETS:
+            raise CLIError(f"{flag} {source}: no such file, and not a known dataset ({', '.join(DATASETS)})")
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -502,22 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--keep", type=float, help="fraction of the targets' parameters to keep, in (0, 1] (default 0.8)")
     alloc.add_argument("--energy", type=float, help="per-target spectral energy threshold in (0, 1]")
     alloc.add_argument("--rank", type=int, help="the same rank for every target")
-    p.add_argument("--override", action="append", default=[], metavar="PATTERN=RULE",
-                   help="per-target rule, e.g. 're:down_proj=keep:0.9', 'model.layers.0.mlp.up_proj=dense'")
-    p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="select targets by name (exact or re:REGEX)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="remove targets by name (exact or re:REGEX)")
-    p.add_argument("--solver", default="exact", help="exact or randomized")
-    p.add_argument("--oversample", type=int, default=16, help="randomized SVD oversampling (default 16)")
-    p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default 2)")
-    p.add_argument("--alpha", type=float, default=0.5, help="ASVD activation exponent (default 0.5)")
-    p.add_argument("--svd-dtype", default="float32", choices=["float32", "float64"])
+    add_compress_flags(p)
     p.add_argument("--calib", help="calibration text file, or dataset name (wikitext2, ptb, c4)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, help="calibration window length (default min(2048, model max))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampling", default="random", choices=["random", "first"], help="random or first windows")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--full-model", action="store_true", help="hook the whole model at once instead of block by block")
     p.add_argument("--sequential", action="store_true", help="calibrate each block on the compressed blocks' outputs")
     p.add_argument("--device", default="auto", help="where blocks are processed: auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype (auto: float32 on CPU)")
@@ -530,8 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate perplexity and zero-shot tasks of a model or checkpoint")
     e.add_argument("model", help="rankcut checkpoint, local model directory or Hub id")
     e.add_argument("--ppl", action="append", default=[], metavar="TEXT", help="text file or dataset name (repeatable)")
-    e.add_argument("--tasks", help="comma-separated zero-shot tasks: piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada")
+    e.add_argument("--tasks", help="comma-separated zero-shot tasks: with --data-dir piqa,arc_easy,arc_challenge,"
+                   "winogrande,hellaswag,lambada; without, any lm-evaluation-harness task (Hub data)")
     e.add_argument("--data-dir", help="offline task files, laid out like ../shared/data (piqa/, arc/, ...)")
+    e.add_argument("--harness", action="store_true",
+                   help="score the --data-dir tasks with lm-evaluation-harness itself instead of rankcut's scorer")
     e.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
     e.add_argument("--baseline", help="also evaluate this (dense) model for a side-by-side table")
     e.add_argument("--seq-len", type=int, help="window length (default min(2048, model max))")
@@ -569,18 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--keep", default="0.9,0.8,0.6", help="comma-separated keep fractions in (0, 1] (default 0.9,0.8,0.6)")
     w.add_argument("--calib", help="calibration text file or dataset name (computed once, shared by all points)")
     w.add_argument("--ppl", action="append", default=[], metavar="TEXT", help="perplexity text file or dataset (repeatable)")
-    w.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    w.add_argument("--seq-len", type=int, help="calibration window length (default min(2048, model max))")
-    w.add_argument("--seed", type=int, default=0)
+    add_compress_flags(w)
     w.add_argument("--max-windows", type=int, help="evaluate only the first N windows of each text")
     w.add_argument("--eval-seq-len", type=int, help="perplexity window length (default min(2048, model max))")
-    w.add_argument("--batch-size", type=int, default=8)
     w.add_argument("--device", default="auto")
     w.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     w.add_argument("-o", "--output", required=True, help="sweep directory (resumable: finished points are skipped)")
     w.add_argument("--overwrite", action="store_true", help="discard an existing sweep with different settings")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(func=cmd_sweep)
+
     return parser
 
 

@@ -9,11 +9,11 @@ and factorises it with :func:`rankcut.compress.compress_with_stats_`. Finished p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from rankcut.compress import compress_with_stats_, default_seq_len, dense_stats
@@ -67,13 +67,19 @@ def sweep(
     overwrite: bool = False,
     progress: bool = True,
     info: dict | None = None,
+    base: CompressConfig | None = None,
 ) -> dict:
     """Run the sweep into ``output``; return the contents of ``results.json``.
 
-    ``info`` (command line, environment) is stored as-is in ``results.json``. A directory holding a sweep
-    with different settings is an error unless ``overwrite`` (which discards its points).
+    ``base`` carries every compression setting the grid does not vary (targets, overrides, solver, α,
+    sampling…); each point is ``base`` with its method and keep. ``info`` (command line, environment) is
+    stored as-is in ``results.json``. A directory holding a sweep with different settings is an error
+    unless ``overwrite`` (which discards its points).
     """
     methods, keeps = check_grid(methods, keeps)
+    base = base or CompressConfig()
+    if base.sequential:
+        raise ValueError("a sweep shares the dense model's statistics across points; sequential calibration cannot")
     ppl = list(ppl)
     if not ppl:
         raise ValueError("a sweep needs at least one perplexity text (ppl=...)")
@@ -82,10 +88,13 @@ def sweep(
         raise ValueError(f"methods {', '.join(m for m in methods if get_method(m).stat)} need calibration data (calib=...)")
     seq_len = seq_len or default_seq_len(model)
     eval_seq_len = eval_seq_len or default_seq_len(model)
+    template = dataclasses.replace(base, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
+                                   batch_size=batch_size, energy=None, rank=None)
+    shared = {k: v for k, v in template.to_dict().items() if k not in ("method", "keep", "energy", "rank")}
     settings = {
         "calib": None if calib is None else source_name(calib), "ppl": [source_name(p) for p in ppl],
         "calib_samples": calib_samples, "seq_len": seq_len, "seed": seed, "max_windows": max_windows,
-        "eval_seq_len": eval_seq_len,
+        "eval_seq_len": eval_seq_len, "compress": shared,
     }
     output = Path(output)
     points_dir = output / "points"
@@ -119,13 +128,11 @@ def sweep(
     windows = None
     needed = {get_method(m).stat for m, _ in todo} - {None}
     if needed:
-        windows = calibration_windows(calib, tokenizer, calib_samples, seq_len, seed)
-        base = CompressConfig(seed=seed, batch_size=batch_size, calib_samples=calib_samples, seq_len=seq_len)
+        windows = calibration_windows(calib, tokenizer, calib_samples, seq_len, seed, template.sampling)
         for kind in sorted(needed):
-            stats[kind] = dense_stats(model, kind, windows, base, device, progress)
+            stats[kind] = dense_stats(model, kind, windows, template, device, progress)
     for method, keep in todo:
-        config = CompressConfig(method=method, keep=keep, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-                                batch_size=batch_size)
+        config = dataclasses.replace(template, method=method, keep=keep)
         work = copy.deepcopy(model)
         kind = get_method(method).stat
         summary = compress_with_stats_(work, config, stats.get(kind), device, progress, calib,
@@ -176,6 +183,8 @@ def plot_quality(results: dict, path: Path) -> Path:
     from rankcut.plots import _pyplot
 
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     texts = list(results["dense"]["perplexity"])
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4), squeeze=False)
     for ax, text in zip(axes[0], texts):
@@ -186,6 +195,10 @@ def plot_quality(results: dict, path: Path) -> Path:
         ax.set_xlabel("kept fraction of model parameters")
         ax.set_ylabel(f"perplexity ({text})")
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 30, not 3×10¹
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -21,12 +21,12 @@ from rankcut.evaluate.tasks import (
     Item,
     encode_pair,
     evaluate_tasks,
-    hellaswag_context,
+    hellaswag_preprocess,
     load_task,
     loglikelihoods,
-    parse_arc,
     score_items,
 )
+from rankcut.evaluate.taskdata import parse_arc, read_docs, split_hellaswag_context
 from tiny_models import llama, save_tiny, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,9 +101,23 @@ def test_parse_arc_and_hellaswag_context():
                              "Answer2: no Answer3: Answer4 maybe\n\nAnswer format: answer1/answer2/answer3",
               "answer": "answer3"}
     assert parse_arc(record) == ("Is 2 > 1?", ["yes, it is.", "no", "Answer4 maybe"], 2)
-    assert hellaswag_context("Label: A man sits. the lady") == "Label: A man sits. The lady"
-    assert hellaswag_context("Health: How to rest. Sleep well.") == "Health: How to rest. Sleep well."
-    assert hellaswag_context("X: a [title] b  c [step] d") == "X: a. b c d"
+    assert split_hellaswag_context("Label: A man sits. the lady") == ("Label", "A man sits.", "the lady")
+    assert split_hellaswag_context("Health: How to rest. Sleep well.") == ("Health", "How to rest. Sleep well.", "")
+    assert hellaswag_preprocess("X: a [title] b  c [step] d") == "X: a. b c d"
+    with pytest.raises(ValueError, match="activity"):
+        split_hellaswag_context("no label here")
+
+
+def test_real_docs_have_the_hub_schema(real_dir):
+    """The records carry the fields lm-eval's task configs read, with the Hub's types."""
+    arc = read_docs("arc_challenge", real_dir, 3)
+    assert set(arc[0]) == {"id", "question", "choices", "answerKey"}
+    assert arc[0]["choices"]["label"][:3] == ["A", "B", "C"] and arc[0]["answerKey"] == "C"
+    hs = read_docs("hellaswag", real_dir, 1)[0]
+    assert (hs["activity_label"], hs["ctx_a"], hs["ctx_b"], hs["label"]) == (
+        "Roof shingle removal", "A man is sitting on a roof.", "he", "3")
+    assert read_docs("winogrande", real_dir, 1)[0]["answer"] == "2"
+    assert read_docs("piqa", real_dir, 1)[0]["label"] == 0
 
 
 def test_unknown_task_and_missing_files(tmp_path):
@@ -183,8 +197,8 @@ def test_model_that_prefers_the_gold_choice_gets_acc_1(tmp_path):
     model = biased("x")
     result = evaluate_tasks(model, CharTokenizer(), ["piqa", "arc_easy", "arc_challenge", "winogrande"], data, progress=False)
     for task in ("piqa", "arc_easy", "arc_challenge"):
-        assert result[task] == {"acc": 1.0, "acc_norm": 1.0, "n": 6}
-    assert result["winogrande"] == {"acc": 1.0, "n": 6}
+        assert result[task] == {"acc": 1.0, "acc_stderr": 0.0, "acc_norm": 1.0, "acc_norm_stderr": 0.0, "n": 6}
+    assert result["winogrande"] == {"acc": 1.0, "acc_stderr": 0.0, "n": 6}
     limited = evaluate_tasks(model, CharTokenizer(), ["piqa"], data, limit=2, progress=False)
     assert limited["piqa"]["n"] == 2
     # preferring 'q' instead turns every answer wrong
@@ -200,8 +214,10 @@ def test_acc_norm_divides_by_choice_characters():
     lls = loglikelihoods(model, tok, [p for it in items for p in it.pairs()], progress=False)
     assert lls[0][0] > lls[1][0]
     result = score_items(items, lls)
-    assert result == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
-    assert score_items(items[:1], lls[:2]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    # standard error of a mean of [1, 0]: sample std sqrt(0.5) / sqrt(2) = 0.5
+    assert result == {"acc": 0.5, "acc_stderr": 0.5, "acc_norm": 0.5, "acc_norm_stderr": 0.5, "n": 2}
+    one = score_items(items[:1], lls[:2])
+    assert (one["acc"], one["acc_norm"], one["n"]) == (0.0, 1.0, 1) and math.isnan(one["acc_stderr"])
 
 
 def test_lambada_greedy_accuracy_and_perplexity(tmp_path):
@@ -297,7 +313,7 @@ def test_cli_eval_tasks_writes_json(cli_files, capsys):
     data = json.loads(out.read_text())
     assert set(data["tasks"]) == set(TASKS) and data["perplexity"] == {}
     assert all(r["n"] == 3 for r in data["tasks"].values())
-    assert set(data["tasks"]["lambada"]) == {"acc", "perplexity", "n"}
+    assert set(data["tasks"]["lambada"]) == {"acc", "acc_stderr", "perplexity", "n"}
     assert data["baseline"]["tasks"] == data["tasks"]  # same model twice
     assert "compressed" in printed and "hellaswag" in printed and "+0.00pt" in printed
 
@@ -305,8 +321,9 @@ def test_cli_eval_tasks_writes_json(cli_files, capsys):
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--tasks", "piqa"], "--data-dir"),
-        (["--tasks", "piqa,boolq", "--data-dir", "."], "available: piqa"),
+        (["--tasks", "piqa,boolq", "--data-dir", "."], "unknown offline task(s) boolq"),
+        (["--tasks", " , ", "--data-dir", "."], "no task named"),
+        (["--harness"], "--tasks"),
         (["--tasks", "piqa", "--data-dir", "/nonexistent/dir"], "not a directory"),
         (["--tasks", "piqa", "--data-dir", ".", "--limit", "0"], "--limit"),
         (["--data-dir", "."], "--tasks"),
@@ -318,7 +335,88 @@ def test_cli_task_errors(cli_files, capsys, extra, match):
     assert code == 2 and "rankcut: error:" in err and match in err, err
 
 
+def test_cli_harness_scores_like_the_builtin_scorer(cli_files, capsys):
+    """``--harness`` runs lm-eval on the same files; on the synthetic tasks it must agree with rankcut."""
+    pytest.importorskip("lm_eval")
+    common = ["eval", str(cli_files["model"]), "--tasks", ",".join(TASKS), "--data-dir", str(cli_files["data"]),
+              "--limit", "3", "--dtype", "float32", "--quiet"]
+    ours, theirs = cli_files["root"] / "ours.json", cli_files["root"] / "theirs.json"
+    assert main([*common, "--json", str(ours)]) == 0
+    assert main([*common, "--harness", "--json", str(theirs)]) == 0
+    a, b = json.loads(ours.read_text())["tasks"], json.loads(theirs.read_text())["tasks"]
+    for task in TASKS:
+        for metric, value in a[task].items():
+            assert b[task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+        assert {m for m in b[task] if not m.endswith("_stderr")} == {m for m in a[task] if not m.endswith("_stderr")}
+
+
+def test_cli_unknown_harness_task(cli_files, capsys):
+    pytest.importorskip("lm_eval")
+    code = main(["eval", str(cli_files["model"]), "--tasks", "no_such_task", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "knows no task no_such_task" in err, err
+
+
+def test_unreachable_hub_is_a_clear_error(codellama, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from rankcut.evaluate.harness import evaluate_harness
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(ValueError, match="could not fetch task data .* --data-dir"):
+        evaluate_harness(*codellama, ["piqa"], limit=2)
+
+
 def test_cli_missing_task_file(cli_files, tmp_path, capsys):
     code = main(["eval", str(cli_files["model"]), "--tasks", "piqa", "--data-dir", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "valid.jsonl is missing" in err, err
+
+
+# ------------------------------------------------------------------- agreement with lm-evaluation-harness
+
+
+@pytest.fixture(scope="module")
+def codellama(real_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = real_dir / "testbed" / "codellama-16m"
+    # float32: the checkpoint is bf16, and lm-eval takes log-softmax in the logits' dtype where rankcut
+    # upcasts first; in float32 the two agree to the last bit
+    return AutoModelForCausalLM.from_pretrained(path).eval().float(), AutoTokenizer.from_pretrained(path)
+
+
+def test_offline_scores_equal_lm_eval_on_the_real_files(real_dir, codellama):
+    """lm-eval's own task configs, fed the same local records, score a real model as rankcut does."""
+    pytest.importorskip("lm_eval")
+    from rankcut.evaluate.harness import evaluate_harness
+
+    model, tok = codellama
+    tasks = list(TASKS)
+    ours = evaluate_tasks(model, tok, tasks, real_dir, limit=12, batch_size=8, progress=False)
+    theirs = evaluate_harness(model, tok, tasks, real_dir, limit=12, batch_size=8)
+    assert set(theirs) == set(tasks)
+    for task in tasks:
+        assert theirs[task]["n"] == ours[task]["n"] == 12
+        for metric, value in ours[task].items():
+            if metric == "n":
+                continue
+            assert theirs[task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+    assert 1 < ours["lambada"]["perplexity"] < 1e6  # a continuous check on the summed log-likelihoods
+
+
+def test_harness_errors(tmp_path, codellama):
+    pytest.importorskip("lm_eval")
+    from rankcut.evaluate.harness import evaluate_harness
+
+    model, tok = codellama
+    with pytest.raises(ValueError, match="knows no task no_such_task"):
+        evaluate_harness(model, tok, ["no_such_task"])
+    with pytest.raises(ValueError, match="unknown offline task.* mmlu"):
+        evaluate_harness(model, tok, ["mmlu"], tmp_path)
+    with pytest.raises(ValueError, match="piqa.*missing"):
+        evaluate_harness(model, tok, ["piqa"], tmp_path)
+    with pytest.raises(ValueError, match="limit"):
+        evaluate_harness(model, tok, ["piqa"], tmp_path, limit=0)

@@ -1,8 +1,8 @@
 """Zero-shot multiple-choice tasks, offline, scored the way lm-evaluation-harness scores them.
 
-Each task is read from a local data directory laid out like ``../shared/data`` (see its README):
-``piqa/``, ``arc/ARC-Easy/``, ``arc/ARC-Challenge/``, ``winogrande/``, ``hellaswag/``, ``lambada/``.
-A small loader per task turns the files into :class:`Item` s with lm-evaluation-harness' prompt format:
+Each task's local files are read by :mod:`rankcut.evaluate.taskdata` into the records of the Hub dataset
+lm-evaluation-harness uses; one builder per task turns a record into an :class:`Item` with lm-eval's
+prompt format (``lm_eval/tasks/...``):
 
 - piqa: ``"Question: {goal}\\nAnswer:"``, choices ``sol1``/``sol2`` (``piqa.yaml``).
 - arc_easy / arc_challenge: ``"Question: {question}\\nAnswer:"``, choices the answer texts (``arc_easy.yaml``).
@@ -22,18 +22,17 @@ the sums divided by the choice's length in characters.
 
 from __future__ import annotations
 
-import bz2
-import json
 import logging
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from rankcut.evaluate.taskdata import read_docs
 
 log = logging.getLogger(__name__)
 
@@ -62,76 +61,7 @@ class Item:
         return len(self.context) if isinstance(self.context, tuple) else len(self.continuations)
 
 
-# ------------------------------------------------------------------------------------------- loaders
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        present = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
-        where = f"{path.parent} holds {present}" if path.parent.is_dir() else f"{path.parent} does not exist"
-        raise ValueError(f"task file {path} is missing ({where})")
-    return path
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(_need(path), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _read_labels(path: Path, count: int) -> list[int]:
-    labels = [int(line) for line in _need(path).read_text().split()]
-    if len(labels) != count:
-        raise ValueError(f"{path} has {len(labels)} labels for {count} items")
-    return labels
-
-
-def load_piqa(data_dir: Path) -> list[Item]:
-    """``piqa/valid.jsonl`` + ``piqa/valid-labels.lst``."""
-    rows = _read_jsonl(data_dir / "piqa" / "valid.jsonl")
-    labels = _read_labels(data_dir / "piqa" / "valid-labels.lst", len(rows))
-    return [
-        Item(f"Question: {r['goal']}\nAnswer:", (DELIMITER + r["sol1"], DELIMITER + r["sol2"]), label)
-        for r, label in zip(rows, labels)
-    ]
-
-
-_ARC_PREFIX = "Please choose the correct answer to the question: "
-
-
-def parse_arc(record: dict) -> tuple[str, list[str], int]:
-    """Question, choice texts and gold index from one record of the instruction-style ARC rewrite.
-
-    The instruction reads ``PREFIX question\\n\\nAnswer1: text Answer2: text ...\\n\\nAnswer format:
-    answer1/answer2/...``; ``answer`` is ``"answerK"``.
-    """
-    text = record["instruction"]
-    if not text.startswith(_ARC_PREFIX):
-        raise ValueError(f"unexpected ARC instruction: {text[:80]!r}")
-    body, _, fmt = text[len(_ARC_PREFIX):].rpartition("\n\nAnswer format: ")
-    count = len(fmt.strip().split("/"))
-    question, sep, options = body.rpartition("\n\nAnswer1: ")
-    if not sep or count < 2:
-        raise ValueError(f"cannot parse ARC choices in {text[:80]!r}")
-    choices, rest = [], options
-    for k in range(2, count + 1):
-        head, sep, rest = rest.partition(f" Answer{k}: ")
-        if not sep:
-            raise ValueError(f"ARC item lacks Answer{k}: {text[:80]!r}")
-        choices.append(head)
-    choices.append(rest)
-    gold = int(record["answer"].removeprefix("answer")) - 1
-    return question, choices, gold
-
-
-def load_arc(data_dir: Path, subset: str) -> list[Item]:
-    """``arc/{ARC-Easy,ARC-Challenge}/test.json``."""
-    with open(_need(data_dir / "arc" / subset / "test.json"), encoding="utf-8") as f:
-        records = json.load(f)
-    items = []
-    for record in records:
-        question, choices, gold = parse_arc(record)
-        items.append(Item(f"Question: {question}\nAnswer:", tuple(DELIMITER + c for c in choices), gold))
-    return items
+# ------------------------------------------------------------------------------------------- items
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -141,60 +71,42 @@ def hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def hellaswag_context(line: str) -> str:
-    """The text form stores ``activity_label + ": " + ctx_a + " " + ctx_b`` without lm-eval's
-    ``ctx_b.capitalize()``; ctx_b is the trailing sentence fragment (after the last ". "), which starts
-    lowercase. Capitalize that fragment the way lm-eval does (approximation: the split point is inferred)."""
-    head, sep, tail = line.rpartition(". ")
-    if sep and tail and tail[0].islower() and not tail.rstrip().endswith((".", "!", "?")):
-        line = head + sep + tail.capitalize()
-    return hellaswag_preprocess(line)
+def _piqa(doc: dict) -> Item:
+    return Item(f"Question: {doc['goal']}\nAnswer:", (DELIMITER + doc["sol1"], DELIMITER + doc["sol2"]), int(doc["label"]))
 
 
-def load_hellaswag(data_dir: Path) -> list[Item]:
-    """``hellaswag/hellaswag_val_full.txt.bz2``: 6 lines per item (context, gold index, 4 endings)."""
-    with bz2.open(_need(data_dir / "hellaswag" / "hellaswag_val_full.txt.bz2"), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    while lines and lines[-1] == "":
-        lines.pop()
-    if len(lines) % 6:
-        raise ValueError(f"hellaswag file has {len(lines)} lines, not a multiple of 6")
-    items = []
-    for i in range(0, len(lines), 6):
-        ctx, gold, endings = lines[i], int(lines[i + 1]), lines[i + 2 : i + 6]
-        items.append(Item(hellaswag_context(ctx), tuple(DELIMITER + hellaswag_preprocess(e) for e in endings), gold))
-    return items
+def _arc(doc: dict) -> Item:
+    choices = doc["choices"]
+    return Item(f"Question: {doc['question']}\nAnswer:", tuple(DELIMITER + c for c in choices["text"]),
+                choices["label"].index(doc["answerKey"]))
 
 
-def load_winogrande(data_dir: Path) -> list[Item]:
-    """``winogrande/dev.jsonl`` + ``dev-labels.lst`` (labels 1/2), with lm-eval's partial evaluation."""
-    rows = _read_jsonl(data_dir / "winogrande" / "dev.jsonl")
-    labels = _read_labels(data_dir / "winogrande" / "dev-labels.lst", len(rows))
-    items = []
-    for r, label in zip(rows, labels):
-        cut = r["sentence"].index("_")
-        prefix, target = r["sentence"][:cut], r["sentence"][cut + 1 :].strip()
-        items.append(Item((prefix + r["option1"], prefix + r["option2"]), (DELIMITER + target,), label - 1))
-    return items
+def _hellaswag(doc: dict) -> Item:
+    context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    query = hellaswag_preprocess(doc["activity_label"] + ": " + context)
+    return Item(query, tuple(DELIMITER + hellaswag_preprocess(e) for e in doc["endings"]), int(doc["label"]))
 
 
-def load_lambada(data_dir: Path) -> list[Item]:
-    """``lambada/lambada_test.jsonl`` (OpenAI version): context and the last word as the single target."""
-    items = []
-    for r in _read_jsonl(data_dir / "lambada" / "lambada_test.jsonl"):
-        words = r["text"].split(" ")
-        items.append(Item(" ".join(words[:-1]), (DELIMITER + words[-1],), 0))
-    return items
+def _winogrande(doc: dict) -> Item:
+    cut = doc["sentence"].index("_")
+    prefix, target = doc["sentence"][:cut], doc["sentence"][cut + 1 :].strip()
+    return Item((prefix + doc["option1"], prefix + doc["option2"]), (DELIMITER + target,), int(doc["answer"]) - 1)
 
 
-TASKS = {
-    "piqa": load_piqa,
-    "arc_easy": lambda d: load_arc(d, "ARC-Easy"),
-    "arc_challenge": lambda d: load_arc(d, "ARC-Challenge"),
-    "hellaswag": load_hellaswag,
-    "winogrande": load_winogrande,
-    "lambada": load_lambada,
+def _lambada(doc: dict) -> Item:
+    words = doc["text"].split(" ")
+    return Item(" ".join(words[:-1]), (DELIMITER + words[-1],), 0)
+
+
+ITEM_BUILDERS = {
+    "piqa": _piqa,
+    "arc_easy": _arc,
+    "arc_challenge": _arc,
+    "hellaswag": _hellaswag,
+    "winogrande": _winogrande,
+    "lambada": _lambada,
 }
+TASKS = tuple(ITEM_BUILDERS)
 # metrics each task reports, as lm-eval reports them
 METRICS = {"winogrande": ("acc",), "lambada": ("acc", "perplexity")}
 DEFAULT_METRICS = ("acc", "acc_norm")
@@ -202,15 +114,7 @@ DEFAULT_METRICS = ("acc", "acc_norm")
 
 def load_task(name: str, data_dir, limit: int | None = None) -> list[Item]:
     """Items of task ``name`` from ``data_dir`` (the first ``limit`` only, when given)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
-    data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        raise ValueError(f"--data-dir {data_dir} is not a directory")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    items = TASKS[name](data_dir)
-    return items[:limit] if limit is not None else items
+    return [ITEM_BUILDERS[name](doc) for doc in read_docs(name, data_dir, limit)]
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -289,9 +193,20 @@ def loglikelihoods(
     return results  # type: ignore[return-value]
 
 
+def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / √n), as lm-eval reports ``*_stderr``."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 def score_items(items: list[Item], lls: list[tuple[float, bool]], metrics=DEFAULT_METRICS) -> dict:
-    """Aggregate per-choice log-likelihoods (in ``Item.pairs`` order) into lm-eval's metrics."""
-    acc = acc_norm = 0
+    """Aggregate per-choice log-likelihoods (in ``Item.pairs`` order) into lm-eval's metrics, with the
+    standard errors of the accuracies."""
+    hits: dict[str, list[float]] = {"acc": [], "acc_norm": []}
     total_ll = 0.0
     k = 0
     for item in items:
@@ -300,19 +215,19 @@ def score_items(items: list[Item], lls: list[tuple[float, bool]], metrics=DEFAUL
         sums = [s for s, _ in scores]
         if "perplexity" in metrics:  # a single-target loglikelihood task
             total_ll += sums[0]
-            acc += scores[0][1]
+            hits["acc"].append(float(scores[0][1]))
             continue
-        acc += max(range(len(sums)), key=sums.__getitem__) == item.gold
+        hits["acc"].append(float(max(range(len(sums)), key=sums.__getitem__) == item.gold))
         lengths = [len(cont) - len(DELIMITER) for _, cont in item.pairs()]
         normed = [s / max(n, 1) for s, n in zip(sums, lengths)]
-        acc_norm += max(range(len(normed)), key=normed.__getitem__) == item.gold
-    n = len(items)
-    out = {"acc": acc / n}
-    if "acc_norm" in metrics:
-        out["acc_norm"] = acc_norm / n
+        hits["acc_norm"].append(float(max(range(len(normed)), key=normed.__getitem__) == item.gold))
+    out = {}
+    for metric in ("acc", "acc_norm"):
+        if metric in metrics:
+            out[metric], out[f"{metric}_stderr"] = _mean_and_stderr(hits[metric])
     if "perplexity" in metrics:
-        out["perplexity"] = math.exp(-total_ll / n)
-    out["n"] = n
+        out["perplexity"] = math.exp(-total_ll / len(items))
+    out["n"] = len(items)
     return out
 
 
