@@ -537,6 +537,27 @@ def _check_source(flag: str, source: str | None) -> None:
             raise CLIError(f"{flag} {source}: no such file, and not a known dataset ({', '.join(DATASETS)})")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``rankcut bench``: decode speed through rankcut's static-cache CUDA-graph loop (rankcut.bench.run)."""
+    from rankcut.bench.run import bench, check_args, check_spec, format_table
+
+    check_args(args.batch, args.prompt_len, args.new_tokens, args.repeats, args.random_lowrank)
+    for spec in [args.model] + ([args.compare] if args.compare else []):
+        check_spec(spec)
+    dtype = DTYPES[args.dtype]
+    result = bench(args.model, compare=args.compare, random_lowrank=args.random_lowrank, batch=args.batch,
+                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, dtype=dtype,
+                   device=args.device, fuse=not args.no_fuse, use_graph=False if args.no_graph else None,
+                   layers=args.layers, progress=not args.quiet)
+    from rankcut.bench.timing import environment as gpu_environment
+
+    result.update({k: v for k, v in invocation(args).items() if k != "environment"})
+    result["environment"] = gpu_environment(args.device)
+    print(format_table(result))
+    _write_json(args.json, result)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -620,7 +641,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true", help="discard an existing sweep with different settings")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(func=cmd_sweep)
-
+    b = sub.add_parser("bench", help="decode speed (tokens/s, GB/s, energy) with a static KV cache and CUDA graphs")
+    b.add_argument("model", help="rankcut checkpoint, model directory, Hub id, or random:SHAPE (llama2-7b, llama3-8b, gpt2)")
+    b.add_argument("--compare", help="dense baseline benchmarked in the same run with the identical loop")
+    b.add_argument("--random-lowrank", type=float, metavar="KEEP",
+                   help="replace MODEL's targets by random factors at this uniform keep (speed only)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    b.add_argument("--layers", type=int, help="random:SHAPE only: number of blocks (default: the shape's)")
+    b.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    b.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (functional run, no CUDA graph)")
+    b.add_argument("--no-fuse", action="store_true", help="do not fuse q/k/v and gate/up projections")
+    b.add_argument("--no-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph")
+    b.add_argument("--json", help="write all figures as JSON here")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

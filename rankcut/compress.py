@@ -195,6 +195,11 @@ def _finish(model, config, work: _Compressor, order, params_before: int, start: 
     )
     _attach_record(model, config, summary, calib)
     log.info("\n%s", summary.table())
+    from rankcut.bench.cost import speedup_warning  # roofline model of batch-1 decode (BENCHMARKS.md)
+
+    warning = speedup_warning([(r.name, r.shape[0], r.shape[1], r.rank) for r in summary.rows])
+    if warning:
+        log.warning(warning)
     return summary
 
 

@@ -52,6 +52,12 @@ class LowRankLinear(nn.Module):
         self.U = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # decode-sized inference on CUDA: Triton kernels where they measured faster (kernels.dispatch)
+            from rankcut.kernels.dispatch import lowrank_forward
+
+            y = lowrank_forward(self, x)
+            if y is not None:
+                return y
         return self.U(self.V(x))
 
     @property

@@ -1,0 +1,143 @@
+"""A roofline cost model of batch-1 decode: bytes, FLOPs and measured fixed costs per kernel.
+
+Every kernel of a decode step reads its weights once, so its time is a fixed cost plus its bytes over a
+streaming bandwidth (or its FLOPs over the matrix rate, whichever is larger):
+
+- a dense projection (one cuBLAS call): interpolated between measured (bytes, time) points of cuBLAS GEMVs
+  (its fixed cost is ~2.3 µs for a tiny matrix but the ramp costs more on mid-sized ones), beyond the largest
+  at ``dense_bw``;
+- a low-rank projection or a fused group of them (rankcut's two launches): phase 1 streams ``V``
+  (``p1_floor + R·K·2 / p1_bw``), phase 2 streams ``U`` (``p2_floor + Σ Nᵢrᵢ·2 / p2_bw``);
+- every other kernel of the step (norms, rotary + KV-cache write, attention, activation, embedding,
+  sampling): ``glue`` each, plus the KV cache over ``dense_bw``.
+
+:data:`H200_BF16` holds constants fitted to this project's H200 measurements (BENCHMARKS.md, "Cost model":
+least-squares lines through the layer benchmark's M = 1 points, the launch floor and the small kernels timed
+alone). :func:`speedup_warning` is what ``compress_`` logs when the requested ranks cannot make decoding
+faster on such a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Measured constants of one GPU and dtype (seconds, bytes/s, FLOP/s)."""
+
+    name: str
+    dense_points: tuple[tuple[float, float], ...]  # (bytes, seconds) of cuBLAS GEMVs, ascending, from (0, floor)
+    dense_bw: float
+    p1_floor: float
+    p1_bw: float
+    p2_floor: float
+    p2_bw: float
+    glue: float
+    flops: float = 7.9e14
+    bytes_per_elem: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: Fitted on the H200 runs recorded in BENCHMARKS.md (bf16, batch 1, CUDA-graph replay).
+H200_BF16 = DeviceProfile(
+    "NVIDIA H200, bf16",
+    dense_points=((0.0, 2.3e-6), (8.39e6, 7.66e-6), (33.55e6, 13.41e-6), (90.18e6, 26.79e-6), (117.4e6, 31.49e-6)),
+    dense_bw=4.59e12, p1_floor=1.34e-6, p1_bw=3.34e12, p2_floor=1.35e-6, p2_bw=2.88e12, glue=1.1e-6,
+)
+
+
+def dense_bytes_time(nbytes: float, profile: DeviceProfile = H200_BF16) -> float:
+    """Seconds of a cuBLAS GEMV streaming ``nbytes`` (piecewise linear through the measured points)."""
+    pts = profile.dense_points
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if nbytes <= b1:
+            return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+    b_last, t_last = pts[-1]
+    return t_last + (nbytes - b_last) / profile.dense_bw
+
+
+def dense_time(m: int, n: int, rows: int = 1, profile: DeviceProfile = H200_BF16) -> float:
+    """Predicted seconds of a dense (m × n) projection of ``rows`` tokens."""
+    return max(dense_bytes_time(m * n * profile.bytes_per_elem, profile), 2 * rows * m * n / profile.flops)
+
+
+def group_time(shapes: list[tuple[int, int, int | None]], rows: int = 1, profile: DeviceProfile = H200_BF16) -> float:
+    """Predicted seconds of one launch unit over targets ``(m, n, rank or None)`` that share an input: one dense
+    GEMV over the concatenated weights, or rankcut's two low-rank launches over the stacked factors."""
+    e = profile.bytes_per_elem
+    if all(r is None for _, _, r in shapes):
+        return dense_time(sum(m for m, _, _ in shapes), shapes[0][1], rows, profile)
+    v = sum(r * n for _, n, r in shapes) * e
+    u = sum(m * r for m, _, r in shapes) * e
+    flops = 2 * rows * (v + u) / e
+    return max(profile.p1_floor + v / profile.p1_bw + profile.p2_floor + u / profile.p2_bw, flops / profile.flops)
+
+
+def lowrank_time(m: int, n: int, rank: int, rows: int = 1, profile: DeviceProfile = H200_BF16) -> float:
+    """Predicted seconds of a rank-``rank`` (m × n) projection through rankcut's kernels."""
+    return group_time([(m, n, rank)], rows, profile)
+
+
+#: Below this predicted speedup of the targets, ``compress_`` warns that decoding will not get faster.
+MIN_SPEEDUP = 1.05
+
+_GROUPS = (re.compile(r"^(.*)\.(q_proj|k_proj|v_proj)$"), re.compile(r"^(.*)\.(gate_proj|up_proj)$"))
+
+
+def launch_units(rows: list[tuple[str, int, int, int | None]]) -> list[list[tuple[int, int, int | None]]]:
+    """Group targets ``(name, m, n, rank)`` the way the decode step launches them (q/k/v and gate/up of one
+    block fused when all dense or all low-rank; mixed groups run separately)."""
+    units: dict[str, list] = {}
+    for name, m, n, r in rows:
+        key = name
+        for pattern in _GROUPS:
+            hit = pattern.match(name)
+            if hit:
+                key = f"{hit.group(1)}:{pattern.pattern}"
+        units.setdefault(key, []).append((m, n, r))
+    out = []
+    for unit in units.values():
+        if len({r is None for _, _, r in unit}) > 1:
+            out.extend([[s] for s in unit])
+        else:
+            out.append(unit)
+    return out
+
+
+def targets_time(rows: list[tuple[str, int, int, int | None]], batch: int = 1,
+                 profile: DeviceProfile = H200_BF16) -> float:
+    """Predicted seconds for all targets of one decode step."""
+    return sum(group_time(unit, batch, profile) for unit in launch_units(rows))
+
+
+def decode_time(rows: list[tuple[str, int, int, int | None]], head: tuple[int, int] | None, glue_kernels: int,
+                kv_bytes: int = 0, batch: int = 1, profile: DeviceProfile = H200_BF16) -> dict:
+    """Predicted seconds of one decode step: the targets, the LM head (a dense (vocab × hidden) GEMV), and
+    ``glue_kernels`` small kernels (one ``glue`` each) plus the KV cache read at ``dense_bw``."""
+    t_targets = targets_time(rows, batch, profile)
+    t_head = dense_time(*head, batch, profile) if head else 0.0
+    t_glue = glue_kernels * profile.glue + kv_bytes / profile.dense_bw
+    return {"targets_s": t_targets, "head_s": t_head, "glue_s": t_glue, "total_s": t_targets + t_head + t_glue}
+
+
+def speedup_warning(rows: list[tuple[str, int, int, int | None]], profile: DeviceProfile = H200_BF16) -> str | None:
+    """A warning when the given ranks cannot speed up batch-1 decoding of the targets, else None.
+
+    ``rows`` are ``(name, m, n, rank)`` with rank None for a target left dense.
+    """
+    low = [row for row in rows if row[3] is not None]
+    if not low:
+        return None
+    dense_rows = [(name, m, n, None) for name, m, n, _ in rows]
+    t_dense, t_low = targets_time(dense_rows, 1, profile), targets_time(rows, 1, profile)
+    if t_dense / t_low >= MIN_SPEEDUP:
+        return None
+    faster = sum(lowrank_time(m, n, r, 1, profile) < dense_time(m, n, 1, profile) for _, m, n, r in low)
+    return (f"this compression cannot speed up batch-1 decoding by more than {MIN_SPEEDUP - 1:.0%}: the cost model "
+            f"({profile.name}) predicts the targets at {t_low * 1e6:.1f} µs per token low-rank vs {t_dense * 1e6:.1f} µs "
+            f"dense ({t_dense / t_low:.2f}x); {faster} of {len(low)} factorised targets would be faster alone. Ranks "
+            f"near break-even save too few bytes to pay for a second launch; the checkpoint is still smaller.")

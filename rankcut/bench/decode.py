@@ -1,0 +1,152 @@
+"""rankcut's own decode step over a Hugging Face model's modules and weights, with a static KV cache.
+
+Hugging Face's eager ``generate`` is launch-bound, and its static-cache compile path re-records CUDA graphs
+every step (DESIGN.md §5), so the benchmark owns its step: a KV cache it allocates once, positions held in
+a device tensor, no host synchronisation and no shape change from one token to the next, so that one step
+can be captured in a CUDA graph and replayed. The step calls the model's own modules (embeddings, norms,
+projections, LM head), so dense and compressed models run the identical code; only the projection
+layers differ (``nn.Linear`` / ``Conv1D`` or :class:`~rankcut.layers.LowRankLinear`).
+
+Projections that read the same input are fused at construction (``fuse=True``; q/k/v and gate/up, dense
+or low-rank alike; :mod:`rankcut.kernels.grouped`). Supported: the Llama family (``llama``, ``mistral``,
+``qwen2``: RMSNorm, rotary, GQA, SiLU-gated MLP) and GPT-2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rankcut.kernels import ops
+from rankcut.kernels.grouped import SeparateGroup, make_group
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+
+class _Decoder:
+    """Shared state: the model, a static KV cache for ``batch`` × ``max_len``, index buffers."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, kv_heads: int, head_dim: int, layers: int) -> None:
+        self.model = model
+        p = next(model.parameters())
+        self.device, self.dtype, self.batch, self.max_len = p.device, p.dtype, batch, max_len
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(layers)]
+        self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(layers)]
+        self.arange = torch.arange(max_len, device=p.device)
+        self.groups: list[nn.Module] = []
+
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cache; a decode step reads all of it (masked attention over the static length)."""
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Additive attention mask (1, 1, T, max_len): 0 where key position ≤ query position, else -inf."""
+        allowed = self.arange[None, :] <= positions[:, None]
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)[None, None]
+
+    def unfuse(self) -> None:
+        """Give the layers back their own parameter storage (e.g. before saving the model)."""
+        for g in self.groups:
+            g.unshare()
+
+    def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+        """Attention of q (B, H, T, D) over the whole static cache of layer i; returns (B, T, H·D)."""
+        B, H, T, D = q.shape
+        k, v = self.k_cache[i], self.v_cache[i]
+        group = heads // kv_heads
+        if T == 1:  # the `group` query heads of one KV head act as `group` query rows: no repeat of K/V
+            out = F.scaled_dot_product_attention(q.reshape(B, kv_heads, group, D), k, v, attn_mask=mask)
+            return out.reshape(B, 1, H * D)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+class LlamaDecoder(_Decoder):
+    """Decode step for ``LlamaForCausalLM``-like models (Llama, Mistral, Qwen2)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True) -> None:
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        super().__init__(model, batch, max_len, self.kv_heads, self.head_dim, len(self.layers))
+        build = make_group if fuse else SeparateGroup
+        self.qkv = [build([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
+        self.gate_up = [build([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        self.groups = self.qkv + self.gate_up
+        self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed at positions ``pos[0]`` + t."""
+        B, T = ids.shape
+        positions = pos + self.arange[:T]
+        h = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(h, positions[None].expand(B, T))
+        mask = self._mask(positions)
+        res = None
+        for i, layer in enumerate(self.layers):
+            x, res = ops.add_rmsnorm(h, res, layer.input_layernorm)
+            q = ops.rope_cache(self.qkv[i](x), cos, sin, self.k_cache[i], self.v_cache[i], pos, positions,
+                               self.heads, self.kv_heads, self.head_dim)
+            o = layer.self_attn.o_proj(self._attend(q, i, mask, self.heads, self.kv_heads))
+            x, res = ops.add_rmsnorm(o, res, layer.post_attention_layernorm)
+            act = ops.silu_mul(self.gate_up[i](x), layer.mlp.act_fn, self.silu)
+            h = layer.mlp.down_proj(act)
+        x, _ = ops.add_rmsnorm(h, res, self.inner.norm)
+        return self.model.lm_head(x[:, -1, :])
+
+
+class GPT2Decoder(_Decoder):
+    """Decode step for ``GPT2LMHeadModel`` (``c_attn`` is already one fused projection)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True) -> None:
+        cfg = model.config
+        self.heads, self.embed = cfg.n_head, cfg.n_embd
+        self.head_dim = self.embed // self.heads
+        self.tr = model.transformer
+        self.blocks = list(self.tr.h)
+        super().__init__(model, batch, max_len, self.heads, self.head_dim, len(self.blocks))
+        self.tanh_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed at positions ``pos[0]`` + t."""
+        B, T = ids.shape
+        positions = pos + self.arange[:T]
+        h = self.tr.wte(ids) + self.tr.wpe(positions)[None]
+        mask = self._mask(positions)
+        E, H, D = self.embed, self.heads, self.head_dim
+        for i, blk in enumerate(self.blocks):
+            q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(E, dim=-1)
+            q = q.view(B, T, H, D).transpose(1, 2)
+            self.k_cache[i].index_copy_(2, positions, k.view(B, T, H, D).transpose(1, 2))
+            self.v_cache[i].index_copy_(2, positions, v.view(B, T, H, D).transpose(1, 2))
+            h = h + blk.attn.c_proj(self._attend(q, i, mask, H, H))
+            m = blk.mlp.c_fc(blk.ln_2(h))
+            m = ops.gelu_tanh(m) if self.tanh_gelu else blk.mlp.act(m)
+            h = h + blk.mlp.c_proj(m)
+        return self.model.lm_head(self.tr.ln_f(h)[:, -1, :])
+
+
+def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True) -> _Decoder:
+    """The decode step for ``model``.
+
+    Raises:
+        ValueError: an architecture the benchmark does not support.
+    """
+    kind = getattr(model.config, "model_type", "")
+    if kind in LLAMA_FAMILY:
+        attn = model.model.layers[0].self_attn
+        if hasattr(attn, "q_norm"):
+            raise ValueError(f"{type(model).__name__}: attention with q/k norms is not supported by the decode benchmark")
+        return LlamaDecoder(model, batch, max_len, fuse)
+    if kind == "gpt2":
+        return GPT2Decoder(model, batch, max_len, fuse)
+    raise ValueError(f"the decode benchmark supports the Llama family ({', '.join(LLAMA_FAMILY)}) and GPT-2, "
+                     f"not model_type {kind!r}")

@@ -1,0 +1,127 @@
+"""The timed decode loop: prefill, then one decode step captured once in a CUDA graph and replayed.
+
+Greedy decoding runs entirely on the device: the step writes its argmax into the static input buffer and
+advances the position tensor, so ``new_tokens`` replays run back to back with no host synchronisation.
+The same loop runs eagerly where CUDA graphs are unavailable (the CPU, or ``use_graph=False``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from rankcut.bench.decode import _Decoder
+from rankcut.bench.timing import EnergyMeter
+
+
+class DecodeLoop:
+    """Static buffers and the (captured) step for one decoder, batch, prompt and generation length."""
+
+    def __init__(self, decoder: _Decoder, prompt: torch.Tensor, new_tokens: int, use_graph: bool) -> None:
+        self.dec, self.prompt, self.new_tokens = decoder, prompt, new_tokens
+        self.batch, self.prompt_len = prompt.shape
+        dev = decoder.device
+        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(self.batch, new_tokens + 1, dtype=torch.long, device=dev)
+        self.graph = None
+        if use_graph:
+            self._capture()
+
+    def prefill(self) -> None:
+        """Run the prompt through the model (filling the cache) and emit the first token."""
+        self.pos.zero_()
+        nxt = self.dec.forward(self.prompt, self.pos).argmax(-1)
+        self.ids.copy_(nxt.view(self.batch, 1))
+        self.tokens[:, 0] = nxt
+        self.pos.fill_(self.prompt_len)
+
+    def step(self) -> None:
+        """One decode step on the static buffers (what the graph replays)."""
+        nxt = self.dec.forward(self.ids, self.pos).argmax(-1).view(self.batch, 1)
+        self.ids.copy_(nxt)
+        self.tokens.index_copy_(1, self.pos - (self.prompt_len - 1), nxt)
+        self.pos.add_(1)
+
+    def _capture(self) -> None:
+        self.prefill()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compilation, scratch allocation, cuBLAS handles
+            for _ in range(min(2, self.new_tokens)):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        torch.cuda.synchronize()
+
+    def run_steps(self) -> None:
+        """``new_tokens`` decode steps after a prefill (not timed here)."""
+        for _ in range(self.new_tokens):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_decode(decoder: _Decoder, prompt: torch.Tensor, new_tokens: int, repeats: int = 3,
+                use_graph: bool | None = None, progress: bool = False) -> dict:
+    """Prefill ``prompt`` and decode ``new_tokens`` greedily, ``repeats`` times; time each part.
+
+    Returns:
+        ``ms_per_token`` (median over repeats), ``tokens_per_s`` (batch × new_tokens / decode time),
+        ``prefill_ms``, all repeats' decode times, peak memory, energy per token (NVML; None where
+        unavailable), whether a CUDA graph was used, and the first generated tokens of sequence 0.
+    """
+    device = decoder.device
+    cuda = device.type == "cuda"
+    use_graph = cuda if use_graph is None else use_graph
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    loop = DecodeLoop(decoder, prompt, new_tokens, use_graph)
+    meter = EnergyMeter(device)
+    decode_s, prefill_s = [], []
+    for _ in tqdm(range(repeats), desc="decode", disable=not progress):
+        _sync(device)
+        t0 = time.perf_counter()
+        loop.prefill()
+        _sync(device)
+        t1 = time.perf_counter()
+        with meter:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                loop.run_steps()
+                end.record()
+                end.synchronize()
+                decode_s.append(start.elapsed_time(end) / 1e3)
+            else:
+                loop.run_steps()
+                decode_s.append(time.perf_counter() - t1)
+        prefill_s.append(t1 - t0)
+    batch = prompt.shape[0]
+    med = statistics.median(decode_s)
+    tokens = batch * new_tokens * repeats
+    energy = meter.joules
+    return {
+        "ms_per_token": 1e3 * med / new_tokens,
+        "tokens_per_s": batch * new_tokens / med,
+        "decode_s": decode_s,
+        "prefill_ms": 1e3 * statistics.median(prefill_s),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "energy_j_per_token": energy / tokens if energy is not None else None,
+        "mean_power_w": energy / sum(decode_s) if energy is not None else None,
+        "cuda_graph": loop.graph is not None,
+        "first_tokens": loop.tokens[0, :16].tolist(),
+    }

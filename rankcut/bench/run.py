@@ -1,0 +1,226 @@
+"""``rankcut bench``: decode speed of a model (and optionally a dense baseline) through one identical loop.
+
+Reports tokens/s, ms/token, achieved GB/s of weight traffic, peak memory, energy per token (NVML), the
+theoretical bound (dense bytes / compressed bytes) and the fraction of it achieved, and the cost model's
+prediction (:mod:`rankcut.bench.cost`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+
+import torch
+
+from rankcut.bench import cost
+from rankcut.bench.decode import make_decoder
+from rankcut.bench.loop import time_decode
+from rankcut.bench.models import RANDOM_PREFIX, PRESETS, preset_config, random_lowrank_, random_model, weight_bytes
+from rankcut.layers import LowRankLinear
+from rankcut.targets import find_targets
+
+log = logging.getLogger(__name__)
+
+DATASHEET_BW = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, vendor datasheets (SXM)
+
+
+def check_spec(spec: str) -> None:
+    """Raise ValueError when ``spec`` is neither ``random:<shape>`` nor an existing path / Hub-style id."""
+    if spec.startswith(RANDOM_PREFIX):
+        name = spec[len(RANDOM_PREFIX):]
+        if name not in PRESETS and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+            raise ValueError(f"{spec}: unknown shape; use one of {', '.join(RANDOM_PREFIX + p for p in PRESETS)} "
+                             f"or random:DIR with a config.json")
+        return
+    path = os.path.expanduser(spec)
+    if (os.path.exists(path) or spec.startswith((".", "/", "~")) or spec.count("/") > 1) and not os.path.isdir(path):
+        raise ValueError(f"model path {spec} does not exist")
+
+
+def check_args(batch: int, prompt_len: int, new_tokens: int, repeats: int, keep: float | None) -> None:
+    for flag, value in (("--batch", batch), ("--prompt-len", prompt_len), ("--new-tokens", new_tokens),
+                        ("--repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if keep is not None and not 0 < keep <= 1:
+        raise ValueError(f"--random-lowrank must be in (0, 1], got {keep}")
+
+
+def load_for_bench(spec: str, dtype: torch.dtype, device: str, layers: int | None = None):
+    """A model for ``spec``: ``random:<shape>`` (random weights, built on ``device``), a rankcut checkpoint,
+    or a Hugging Face directory / Hub id."""
+    check_spec(spec)
+    if spec.startswith(RANDOM_PREFIX):
+        name = spec[len(RANDOM_PREFIX):]
+        if name in PRESETS:
+            config = preset_config(name, layers)
+        else:
+            import transformers
+
+            config = transformers.AutoConfig.from_pretrained(os.path.expanduser(name))
+        return random_model(config, dtype, device)
+    from rankcut.cli import load_model
+
+    model, _ = load_model(spec, dtype, device)
+    return model.to(device).eval()
+
+
+def target_rows(model) -> list[tuple[str, int, int, int | None]]:
+    """``(name, m, n, rank or None)`` of every low-rank layer and every remaining dense target."""
+    rows = [(n, m.out_features, m.in_features, m.rank) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    try:
+        for name, module in find_targets(model).items():
+            w = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
+            rows.append((name, w.shape[0], w.shape[1], None))
+    except ValueError:
+        pass
+    return rows
+
+
+def count_kernels(fn) -> tuple[int | None, dict[str, int]]:
+    """CUDA kernels launched by ``fn()`` and a histogram of their names (torch profiler); (None, {}) when the
+    profiler is unavailable."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        names: dict[str, int] = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA" and "Memcpy" not in e.name and "Memset" not in e.name:
+                key = e.name[:60]
+                names[key] = names.get(key, 0) + 1
+        return sum(names.values()), dict(sorted(names.items(), key=lambda kv: -kv[1]))
+    except Exception as err:  # noqa: BLE001
+        log.info("kernel count unavailable: %s", err)
+        return None, {}
+
+
+@torch.no_grad()
+def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3,
+                fuse: bool = True, use_graph: bool | None = None, seed: int = 0, progress: bool = False,
+                profile: cost.DeviceProfile = cost.H200_BF16) -> dict:
+    """Decode speed of ``model`` (see :func:`rankcut.bench.loop.time_decode`) plus bytes and prediction."""
+    decoder = make_decoder(model, batch, prompt_len + new_tokens, fuse=fuse)
+    device = decoder.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    result = time_decode(decoder, prompt, new_tokens, repeats, use_graph, progress)
+    wb, kvb = weight_bytes(model), decoder.kv_bytes()
+    steps = result["tokens_per_s"] / batch
+    rows = target_rows(model)
+    kernels, names = None, {}
+    if device.type == "cuda":
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        pos = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+        kernels, names = count_kernels(lambda: decoder.forward(ids, pos).argmax(-1))
+    units = cost.launch_units(rows)
+    launches = sum(1 if all(r is None for *_, r in u) else 2 for u in units)
+    gemv = ("nvjet", "splitKreduce", "gemv", "_p1_", "_p2_")  # projection kernels (cuBLAS, rankcut), LM head
+    glue = sum(c for name, c in names.items() if not any(g in name for g in gemv)) if names else None
+    if glue is None:  # no profiler: the decode step's own count (Llama: 5 per block; 18 per step)
+        glue = 5 * len(getattr(decoder, "layers", getattr(decoder, "blocks", []))) + 18
+    head = model.get_output_embeddings().weight.shape
+    pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kvb, batch, profile)
+    result.update({
+        "params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": wb, "kv_cache_bytes": kvb,
+        "weight_gbps": wb * steps / 1e9, "traffic_gbps": (wb + kvb) * steps / 1e9,
+        "kernels_per_step": kernels, "kernel_names": names, "target_launches_per_step": launches,
+        "glue_kernels_per_step": glue,
+        "predicted_ms_per_token": pred["total_s"] * 1e3, "predicted": pred,
+        "low_rank_targets": sum(r is not None for *_, r in rows), "targets": len(rows),
+        "fused_projections": fuse, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    })
+    decoder.groups = []
+    return result
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench(spec: str, compare: str | None = None, random_lowrank: float | None = None, batch: int = 1,
+          prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3, dtype: torch.dtype = torch.bfloat16,
+          device: str = "cuda", fuse: bool = True, use_graph: bool | None = None, layers: int | None = None,
+          bandwidth: float | None = None, progress: bool = False) -> dict:
+    """Benchmark ``spec`` (and the dense ``compare`` model first, if given) with the identical decode loop.
+
+    Args:
+        spec: ``random:<shape>``, a rankcut checkpoint, or a Hugging Face directory / Hub id.
+        compare: the dense baseline, same forms.
+        random_lowrank: replace ``spec``'s targets by random factors at this uniform keep (speed only).
+        bandwidth: memory bandwidth (bytes/s) for the "fraction of the bandwidth limit" figures; default:
+            measured here (device-to-device copy) on CUDA.
+
+    Returns:
+        ``{"model": {...}, "baseline": {...} | None, "comparison": {...} | None, "settings": {...}}``.
+    """
+    check_args(batch, prompt_len, new_tokens, repeats, random_lowrank)
+    check_spec(spec)
+    if compare is not None:
+        check_spec(compare)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("rankcut bench needs a CUDA GPU (or --device cpu for a functional run)")
+    out: dict = {"settings": {"spec": spec, "compare": compare, "random_lowrank": random_lowrank, "batch": batch,
+                              "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+                              "dtype": str(dtype).replace("torch.", ""), "device": device, "fuse": fuse,
+                              "layers": layers}}
+    if device.startswith("cuda") and bandwidth is None:
+        from rankcut.bench.timing import copy_bandwidth
+
+        bandwidth = copy_bandwidth(device)
+    out["settings"]["bandwidth_bytes_per_s"] = bandwidth
+    runs = [("baseline", compare, None)] if compare else []
+    runs.append(("model", spec, random_lowrank))
+    for role, s, keep in runs:
+        model = load_for_bench(s, dtype, device, layers)
+        if keep is not None:
+            random_lowrank_(model, keep)
+        res = bench_model(model, batch, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress)
+        res["spec"] = s + (f" (random low-rank, keep {keep})" if keep is not None else "")
+        if bandwidth:
+            res["bandwidth_limit_tokens_per_s"] = batch * bandwidth / (res["weight_bytes"] + res["kv_cache_bytes"])
+            res["fraction_of_bandwidth_limit"] = res["tokens_per_s"] / res["bandwidth_limit_tokens_per_s"]
+        out[role] = res
+        del model
+        _release()
+    out.setdefault("baseline", None)
+    out["comparison"] = None
+    if compare:
+        base, mod = out["baseline"], out["model"]
+        speedup = mod["tokens_per_s"] / base["tokens_per_s"]
+        bound = base["weight_bytes"] / mod["weight_bytes"]
+        bound_kv = (base["weight_bytes"] + base["kv_cache_bytes"]) / (mod["weight_bytes"] + mod["kv_cache_bytes"])
+        out["comparison"] = {"speedup": speedup, "bound": bound, "fraction_of_bound": speedup / bound,
+                             "bound_with_kv_cache": bound_kv, "fraction_of_bound_with_kv_cache": speedup / bound_kv,
+                             "predicted_speedup": base["predicted_ms_per_token"] / mod["predicted_ms_per_token"]}
+    return out
+
+
+def format_table(result: dict) -> str:
+    """The human-readable summary ``rankcut bench`` prints."""
+    lines = [f"{'model':<48} {'tok/s':>8} {'ms/tok':>7} {'pred ms':>7} {'GB/tok':>7} {'GB/s':>7} {'peak GiB':>8} "
+             f"{'J/tok':>6} {'of BW limit':>11}"]
+    for role in ("baseline", "model"):
+        r = result.get(role)
+        if not r:
+            continue
+        energy = f"{r['energy_j_per_token']:.3f}" if r.get("energy_j_per_token") is not None else "-"
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"
+        frac = f"{r['fraction_of_bandwidth_limit']:.1%}" if r.get("fraction_of_bandwidth_limit") else "-"
+        lines.append(f"{r['spec'][:48]:<48} {r['tokens_per_s']:>8.1f} {r['ms_per_token']:>7.3f} "
+                     f"{r['predicted_ms_per_token']:>7.3f} {r['weight_bytes'] / 1e9:>7.3f} {r['weight_gbps']:>7.0f} "
+                     f"{peak:>8} {energy:>6} {frac:>11}")
+    c = result.get("comparison")
+    if c:
+        lines.append(f"speedup {c['speedup']:.3f}x; bound (dense bytes / compressed bytes) {c['bound']:.3f}x; "
+                     f"fraction of bound {c['fraction_of_bound']:.1%}; predicted speedup {c['predicted_speedup']:.3f}x")
+    s = result["settings"]
+    lines.append(f"batch {s['batch']}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, {s['dtype']}, "
+                 f"median of {s['repeats']} repeats")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""When and how a low-rank product runs through the Triton kernel; the eager path everywhere else.
+
+The rules (:func:`eligible`, then :func:`~rankcut.kernels.plan.kernel_pays` for speed): a CUDA input, float16 or bfloat16 everywhere, at most
+:data:`~rankcut.kernels.plan.MAX_M` rows, no gradient needed (autograd and training stay on the eager
+path), not inside ``torch.compile`` tracing, Triton importable, and kernels not switched off
+(``RANKCUT_KERNELS=0`` or :func:`set_enabled`). CPU inputs never reach any of this: ``LowRankLinear``'s
+CPU result is the eager one, bit for bit. Larger M (prefill) runs as two cuBLAS products.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+
+import torch
+
+from rankcut.kernels.plan import MAX_M, LowRankPlan, kernel_pays, plan_lowrank
+
+log = logging.getLogger(__name__)
+
+_STATE = {"enabled": os.environ.get("RANKCUT_KERNELS", "1") != "0", "triton": None}
+_OVERRIDES: dict = {}
+_PLANS: dict[tuple, LowRankPlan] = {}
+_SMS: dict[int, tuple[int, bool]] = {}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def set_enabled(flag: bool) -> None:
+    """Switch the Triton kernels on or off for this process (the eager path is always available)."""
+    _STATE["enabled"] = bool(flag)
+
+
+def enabled() -> bool:
+    return _STATE["enabled"]
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported (checked once, without importing it)."""
+    if _STATE["triton"] is None:
+        _STATE["triton"] = importlib.util.find_spec("triton") is not None
+    return _STATE["triton"]
+
+
+@contextlib.contextmanager
+def plan_overrides(**kw):
+    """Force plan fields (``mode``, ``max_elems``, ``block_r``, ``block_n``, ``prefetch``) inside the block."""
+    old = dict(_OVERRIDES)
+    _OVERRIDES.clear()
+    _OVERRIDES.update(kw)
+    _PLANS.clear()
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(old)
+        _PLANS.clear()
+
+
+def eligible(x: torch.Tensor, tensors: list[torch.Tensor | None], rows: int) -> bool:
+    """Whether the kernel may compute a product of input ``x`` (``rows`` rows) with these weights."""
+    if not x.is_cuda or not _STATE["enabled"] or not 1 <= rows <= MAX_M:
+        return False
+    if x.dtype not in KERNEL_DTYPES or any(t is not None and (t.dtype != x.dtype or not t.is_cuda) for t in tensors):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return triton_available()
+
+
+def _device_info(device: torch.device) -> tuple[int, bool]:
+    """(multiprocessors, whether programmatic dependent launch is used) of a CUDA device (cached)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        props = torch.cuda.get_device_properties(index)
+        pdl = (props.major, props.minor) >= (9, 0) and os.environ.get("RANKCUT_PDL", "1") != "0"
+        _SMS[index] = (props.multi_processor_count, pdl)
+    return _SMS[index]
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether rankcut's kernels launch with programmatic dependent launch on ``device`` (compute capability
+    ≥ 9.0, unless ``RANKCUT_PDL=0``)."""
+    return device.type == "cuda" and _device_info(device)[1]
+
+
+def get_plan(m: int, k: int, ranks: list[int], ns: list[int], device: torch.device) -> LowRankPlan:
+    """The (cached) plan for this problem on ``device``."""
+    sms, hopper = _device_info(device)
+    key = (m, k, tuple(ranks), tuple(ns), sms)
+    plan = _PLANS.get(key)
+    if plan is None:  # programmatic dependent launch needs compute capability 9.0
+        plan = _PLANS[key] = plan_lowrank(m, k, ranks, ns, sms, **{"pdl": hopper, **_OVERRIDES})
+    return plan
+
+
+def run_kernel(x: torch.Tensor, V: torch.Tensor, U_flat: torch.Tensor, bias: torch.Tensor | None, ranks: list[int],
+               ns: list[int], owner, attr: str = "_rankcut_scratch") -> torch.Tensor:
+    """``(x Vᵀ) Uᵀ + b`` for stacked segments through the Triton kernel; scratch lives on ``owner``."""
+    from rankcut.kernels.lowrank import Scratch, launch
+
+    k = x.shape[-1]
+    rows = x.numel() // k
+    x2d = x.reshape(rows, k)
+    if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous()
+    scratch = owner.__dict__.get(attr)
+    if scratch is None or scratch.device != x.device or scratch.ranks != list(ranks) or scratch.ns != list(ns):
+        scratch = Scratch(x.device, int(V.shape[0]), ranks, ns)
+        owner.__dict__[attr] = scratch
+    y = torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device)
+    launch(x2d, V, U_flat, bias, y, scratch, get_plan(rows, k, ranks, ns, x.device))
+    return y.reshape(*x.shape[:-1], sum(ns))
+
+
+def lowrank_forward(layer, x: torch.Tensor, force: bool = False) -> torch.Tensor | None:
+    """The kernel's result for ``LowRankLinear`` ``layer`` on ``x``, or None when the eager path runs: not
+    eligible, or (unless ``force``) cuBLAS is the faster path for this shape (:func:`~rankcut.kernels.plan.
+    kernel_pays`)."""
+    V, U = layer.V, layer.U
+    if type(V) is not torch.nn.Linear or type(U) is not torch.nn.Linear:  # e.g. wrapped by PEFT
+        return None
+    k = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // k if k else 0
+    if not eligible(x, [V.weight, U.weight, U.bias], rows) or not (force or kernel_pays(rows, [layer.rank])):
+        return None
+    if not (V.weight.is_contiguous() and U.weight.is_contiguous()):
+        return None
+    return run_kernel(x, V.weight, U.weight, U.bias, [layer.rank], [layer.out_features], layer)

@@ -1,0 +1,67 @@
+"""Decode-step operations with a Triton path on CUDA and an eager path everywhere else.
+
+Used by the decode benchmark (:mod:`rankcut.bench.decode`) identically for dense and compressed models.
+The eager paths call the Hugging Face modules themselves, so on the CPU the decode step computes what the
+model's own forward computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rankcut.kernels.dispatch import enabled, triton_available
+
+#: RMSNorm classes whose forward is ``weight * (x / rms(x)).to(dtype)`` with fp32 statistics.
+STANDARD_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+
+
+def _fast(t: torch.Tensor) -> bool:
+    return t.is_cuda and enabled() and triton_available() and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def add_rmsnorm(h: torch.Tensor, res: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: returns ``(norm(s), s)`` with ``s = res + h`` (``s = h`` when ``res`` is None)."""
+    if _fast(h) and type(norm).__name__ in STANDARD_RMSNORMS:
+        from rankcut.kernels import glue
+
+        return glue.add_rmsnorm(h, res, norm.weight, float(norm.variance_epsilon))
+    s = h if res is None else res + h
+    return norm(s), s
+
+
+def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               pos: torch.Tensor, positions: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Rotary embedding of q and k from the fused ``qkv`` (B, T, (H+2·Hkv)·D), k and v written into the
+    static caches at ``positions`` (= ``pos[0] + arange(T)``); returns q as (B, H, T, D)."""
+    if _fast(qkv) and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0:
+        from rankcut.kernels import glue
+
+        return glue.rope_cache(qkv, cos, sin, k_cache, v_cache, pos, heads, kv_heads, head_dim)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(B, T, heads, head_dim).transpose(1, 2)
+    k = k.view(B, T, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(B, T, kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k_cache.index_copy_(2, positions, k)
+    v_cache.index_copy_(2, positions, v)
+    return q
+
+
+def silu_mul(gu: torch.Tensor, act: nn.Module, silu: bool) -> torch.Tensor:
+    """``act(gate) · up`` for ``gu`` = [gate | up]; the Triton path when ``act`` is SiLU."""
+    if silu and _fast(gu):
+        from rankcut.kernels import glue
+
+        return glue.silu_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's ``gelu_new`` (the tanh approximation) in one kernel."""
+    return F.gelu(x, approximate="tanh")
