@@ -372,6 +372,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(spec, dtype, device)
         if tokenizer is None:
             raise CLIError(f"{spec} has no tokenizer; perplexity on text and tasks need one")
+        _tuning_note(spec, model, args.ppl)
         result = evaluate(model, tokenizer, args.ppl, args.seq_len, args.max_windows, args.batch_size, device, not args.quiet)
         if tasks:
             result["tasks"] = _run_tasks(args, model, tokenizer, tasks, device)
@@ -537,6 +538,85 @@ def _check_source(flag: str, source: str | None) -> None:
             raise CLIError(f"{flag} {source}: no such file, and not a known dataset ({', '.join(DATASETS)})")
 
 
+def _tuning_note(spec: str, model, texts: list[str]) -> None:
+    """Print which data tuned a recovered checkpoint, and flag evaluation texts that were tuning data."""
+    from rankcut.data import source_name
+
+    recovery = (getattr(model, "rankcut_record", None) or {}).get("recovery")
+    if not recovery:
+        return
+    tuned = {d["source"] for d in recovery["data"]}
+    print(f"note: {spec} was tuned by rankcut recover on {', '.join(sorted(tuned))} "
+          f"({recovery['tokens_tuned']:,} tokens); only text it was not tuned on measures recovery")
+    for text in texts:
+        if source_name(text) in tuned and os.path.isfile(os.path.expanduser(text)):
+            print(f"warning: {text} looks like tuning data ({source_name(text)}): its perplexity is not a held-out figure")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from rankcut.config import RecoverConfig
+    from rankcut.io import check_output, is_checkpoint, read_manifest, save
+    from rankcut.recover import check_held_out, recover_
+
+    spec = os.path.expanduser(args.model)
+    if not os.path.isdir(spec):
+        raise CLIError(f"checkpoint directory {args.model} does not exist")
+    if not is_checkpoint(spec):
+        raise CLIError(f"{args.model} is not a rankcut checkpoint (no rankcut.json): run rankcut compress first")
+    read_manifest(spec)
+    config = RecoverConfig(
+        mode=args.mode, init=args.init, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None, seed=args.seed, distill=args.distill, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+        eval_windows=args.eval_windows, save_every=args.save_every,
+    )
+    output = Path(args.output)
+    check_output(output, args.overwrite)  # before any work: fail fast, write nothing
+    if output.resolve() == Path(spec).resolve():
+        raise CLIError("the output must not be the input checkpoint")
+    for flag, source in [("--data", d) for d in args.data] + [("--eval", args.eval), ("--calib", args.calib)]:
+        _check_source(flag, source)
+    check_held_out(args.data, args.eval)
+    import importlib.util
+
+    if config.mode == "factors" and importlib.util.find_spec("peft") is None:
+        raise CLIError("--mode factors needs PEFT: pip install 'rankcut[recover]' (or use --mode grow)")
+    if config.mode == "grow" and config.init == "residual" and not args.dense:
+        raise CLIError("--mode grow --init residual needs --dense MODEL: the next singular directions of the "
+                       "residual W - UV need the dense W, which the checkpoint no longer holds")
+    if config.distill > 0 and not args.dense:
+        raise CLIError("--distill needs --dense MODEL: the dense model is the teacher")
+    device = resolve_device(args.device)
+    work = Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.recover-work"
+    model, tokenizer = load_model(spec, None)
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer; recovery needs one to read the tuning text")
+    stored = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    model.to(DTYPES[args.dtype])
+    dense = load_model(args.dense, DTYPES[args.dtype])[0] if args.dense else None
+    print(f"tuning data: {', '.join(args.data)}; training state saved every {config.save_every} steps in {work} "
+          "(re-run the same command to resume)")
+    try:
+        result = recover_(model, tokenizer, args.data, config, eval_text=args.eval, dense=dense, calib=args.calib,
+                          work_dir=work, restart=args.restart, device=device, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"rankcut: interrupted; the state of the last save is in {work}: re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    model.to(stored)
+    save(model, output, tokenizer=tokenizer, overwrite=args.overwrite)
+    if not args.keep_work:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    print(result.report())
+    print(f"saved {output}")
+    _write_json(args.json, {"recovery": result.record, **invocation(args)})
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``rankcut bench``: decode speed through rankcut's static-cache CUDA-graph loop (rankcut.bench.run)."""
     from rankcut.bench.run import bench, check_args, check_spec, format_table
@@ -641,6 +721,49 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true", help="discard an existing sweep with different settings")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("recover", help="win back quality of a compressed checkpoint: LoRA fine-tune, merged back")
+    r.add_argument("model", help="rankcut checkpoint directory (from rankcut compress)")
+    r.add_argument("--data", action="append", required=True, metavar="TEXT",
+                   help="tuning text file or dataset name (train split); repeatable")
+    r.add_argument("--eval", metavar="TEXT", help="held-out text for perplexity before, during and after (never tuning data)")
+    r.add_argument("--mode", default="factors", choices=["factors", "grow"],
+                   help="factors: LoRA on U and V, merged back, rank unchanged (default); grow: residual adapter, rank + lora rank")
+    r.add_argument("--init", default="zero", choices=["zero", "residual"],
+                   help="zero: LoRA's default; residual: grow = next residual directions (needs --dense), factors = PiSSA")
+    r.add_argument("--lora-rank", type=int, default=16)
+    r.add_argument("--lora-alpha", type=float, help="adapter scale numerator (default: the lora rank, scale 1)")
+    r.add_argument("--lora-dropout", type=float, default=0.0)
+    r.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    r.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
+    r.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch (default 8)")
+    r.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    r.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    r.add_argument("--warmup", type=int, help="warm-up steps (default 5%% of --steps)")
+    r.add_argument("--weight-decay", type=float, default=0.0)
+    r.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast (auto: bf16 on a GPU that has it, else fp32)")
+    r.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    r.add_argument("--eval-every", type=int, help="held-out perplexity every N steps (default: 10 times per run)")
+    r.add_argument("--eval-windows", type=int, default=16, help="evaluate the first N windows of --eval (default 16)")
+    r.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of distillation from --dense (KL to its next-token distribution); default 0")
+    r.add_argument("--dense", help="the dense model the checkpoint came from (--mode grow --init residual, --distill)")
+    r.add_argument("--calib", help="calibration text for that init's statistics (default: the first --data)")
+    r.add_argument("--save-every", type=int, default=100, help="save the resumable state every N steps (default 100)")
+    r.add_argument("--work-dir", help="where that state lives (default: .OUT.recover-work beside OUT)")
+    r.add_argument("--restart", action="store_true", help="discard saved state instead of resuming")
+    r.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="weights during training (default float32); the output keeps the checkpoint's dtype")
+    r.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    r.add_argument("--json", help="also write the recovery record as JSON here")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_recover)
     b = sub.add_parser("bench", help="decode speed (tokens/s, GB/s, energy) with a static KV cache and CUDA graphs")
     b.add_argument("model", help="rankcut checkpoint, model directory, Hub id, or random:SHAPE (llama2-7b, llama3-8b, gpt2)")
     b.add_argument("--compare", help="dense baseline benchmarked in the same run with the identical loop")

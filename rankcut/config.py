@@ -195,3 +195,115 @@ class CompressConfig:
         if unknown:
             raise ValueError(f"unknown CompressConfig field(s): {sorted(unknown)}")
         return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+
+RECOVER_VERSION = 1
+MODES = ("factors", "grow")
+INITS = ("zero", "residual")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _finite(name: str, value, low: float, low_open: bool = True, high: float = math.inf) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (low_open and value == low) or value >= high:
+        bound = f"{'>' if low_open else '>='} {low}" + ("" if high == math.inf else f" and < {high}")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+@dataclass
+class RecoverConfig:
+    """How to recover quality. Validated when built; serialised into the checkpoint's record.
+
+    Attributes:
+        mode: ``factors`` (LoRA on U and V, merged back, rank unchanged) or ``grow`` (residual adapter on the
+            layer, merged by concatenation, rank + ``lora_rank``).
+        init: ``zero`` or ``residual`` (what ``residual`` means per mode: :mod:`rankcut.adapters`).
+        lora_rank, lora_alpha, lora_dropout: adapter rank, scale numerator (None: ``lora_rank``, i.e. scale 1)
+            and dropout on the adapter input.
+        steps: optimizer steps; each sees ``batch_size · grad_accum`` windows of ``seq_len`` tokens.
+        lr, warmup_steps, weight_decay, max_grad_norm: AdamW with linear warm-up (None: 5 % of the steps)
+            then cosine decay to 10 % of ``lr``; gradient-norm clipping (None: off).
+        seed: adapter initialisation, window order and dropout.
+        distill: weight in [0, 1] of knowledge distillation from the dense model, the token-mean of
+            KL(dense ‖ recovered) over the vocabulary; the next-token loss gets ``1 − distill``. Needs the
+            dense model.
+        precision: ``auto`` (bf16 autocast on a CUDA device that supports it, else fp32), ``fp32``,
+            ``bf16`` or ``fp16`` (autocast with a gradient scaler; CUDA only).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        eval_every, eval_windows: held-out perplexity every N steps (None: 10 times per run) on the first
+            ``eval_windows`` windows of the evaluation text.
+        save_every: write the resumable training state every N steps (needs a work folder).
+    """
+
+    mode: str = "factors"
+    init: str = "zero"
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    steps: int = 1000
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    distill: float = 0.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None
+    eval_windows: int = 16
+    save_every: int = 100
+    version: int = RECOVER_VERSION
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown recovery mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        for name in ("lora_rank", "steps", "batch_size", "grad_accum", "eval_windows", "save_every"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("seq_len", self.seq_len, 2)
+        _positive_int("seed", self.seed, 0)
+        if self.warmup_steps is not None:
+            _positive_int("warmup_steps", self.warmup_steps, 0)
+        if self.eval_every is not None:
+            _positive_int("eval_every", self.eval_every)
+        if self.lora_alpha is not None:
+            _finite("lora_alpha", self.lora_alpha, 0)
+        _finite("lora_dropout", self.lora_dropout, 0, low_open=False, high=1)
+        _finite("distill", self.distill, 0, low_open=False)
+        if self.distill > 1:
+            raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+        _finite("lr", self.lr, 0)
+        _finite("weight_decay", self.weight_decay, 0, low_open=False)
+        if self.max_grad_norm is not None:
+            _finite("max_grad_norm", self.max_grad_norm, 0)
+        if self.version > RECOVER_VERSION:
+            raise ValueError(f"recover config version {self.version} is newer than this rankcut ({RECOVER_VERSION})")
+
+    @property
+    def scaling(self) -> float:
+        """The adapter's output scale ``lora_alpha / lora_rank``."""
+        return (self.lora_alpha if self.lora_alpha is not None else self.lora_rank) / self.lora_rank
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else self.steps // 20
+
+    @property
+    def eval_interval(self) -> int:
+        return self.eval_every or max(1, self.steps // 10)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
