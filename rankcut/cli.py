@@ -564,11 +564,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not is_checkpoint(spec):
         raise CLIError(f"{args.model} is not a rankcut checkpoint (no rankcut.json): run rankcut compress first")
     read_manifest(spec)
+    distill = (1.0 if args.dense else 0.0) if args.distill is None else args.distill
     config = RecoverConfig(
         mode=args.mode, init=args.init, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None, seed=args.seed, distill=args.distill, precision=args.precision,
+        max_grad_norm=args.max_grad_norm or None, seed=args.seed, distill=distill, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
         eval_windows=args.eval_windows, save_every=args.save_every,
     )
@@ -596,6 +597,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     stored = next(p.dtype for p in model.parameters() if p.is_floating_point())
     model.to(DTYPES[args.dtype])
     dense = load_model(args.dense, DTYPES[args.dtype])[0] if args.dense else None
+    if config.distill == 0:
+        print("note: next-token loss on the tuning text only; with --dense MODEL (the model this checkpoint was "
+              "compressed from) recovery distils from it instead, which held-out text favoured in BENCHMARKS.md")
     print(f"tuning data: {', '.join(args.data)}; training state saved every {config.save_every} steps in {work} "
           "(re-run the same command to resume)")
     try:
@@ -748,8 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     r.add_argument("--eval-every", type=int, help="held-out perplexity every N steps (default: 10 times per run)")
     r.add_argument("--eval-windows", type=int, default=16, help="evaluate the first N windows of --eval (default 16)")
-    r.add_argument("--distill", type=float, default=0.0,
-                   help="weight in [0, 1] of distillation from --dense (KL to its next-token distribution); default 0")
+    r.add_argument("--distill", type=float,
+                   help="weight in [0, 1] of distillation from --dense (KL to its next-token distribution); "
+                        "default 1 with --dense, else 0 (next-token loss only)")
     r.add_argument("--dense", help="the dense model the checkpoint came from (--mode grow --init residual, --distill)")
     r.add_argument("--calib", help="calibration text for that init's statistics (default: the first --data)")
     r.add_argument("--save-every", type=int, default=100, help="save the resumable state every N steps (default 100)")

@@ -24,7 +24,7 @@ from rankcut.calibrate import (
 from rankcut.config import CompressConfig
 from rankcut.data import calibration_windows, source_name
 from rankcut.factorize import factorize
-from rankcut.layers import LowRankLinear, dense_shape, dense_weight
+from rankcut.layers import LowRankLinear, dense_weight
 from rankcut.methods import get_method
 from rankcut.summary import CompressionSummary, TargetRow
 from rankcut.targets import find_blocks, find_targets, get_submodule_parent

@@ -138,7 +138,7 @@ def test_factors_mode_keeps_every_tensor_shape(texts, tok):
     model = compressed(texts, tok)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     types = {n: type(m) for n, m in model.named_modules()}
-    recover_(model, tok, str(texts / "tune.txt"), RecoverConfig(steps=3, **FAST), progress=False)
+    recover_(model, tok, str(texts / "tune.txt"), RecoverConfig(steps=3, **FAST), device="cpu", progress=False)
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
     assert {n: type(m) for n, m in model.named_modules()} == types
 
@@ -208,7 +208,7 @@ def test_perplexity_falls_after_a_few_hundred_steps(texts, tok, trained):
     compress_(model, CompressConfig(method="whiten", keep=0.5, calib_samples=8, seq_len=16, batch_size=4),
               calib=str(texts / "tune.txt"), tokenizer=tok, progress=False)
     config = RecoverConfig(steps=200, eval_every=50, **{**FAST, "batch_size": 8, "eval_windows": 16})
-    result = recover_(model, tok, str(texts / "tune.txt"), config, eval_text=held, progress=False)
+    result = recover_(model, tok, str(texts / "tune.txt"), config, eval_text=held, device="cpu", progress=False)
     history = [ppl for _, ppl in result.record["eval"]["history"]]
     compressed_ppl = result.record["eval"]["compressed"]
     assert history[0] == pytest.approx(compressed_ppl, rel=1e-6)  # zero init: the model starts as compressed
@@ -228,11 +228,11 @@ def _interrupt_at(stop: int):
     return on_step
 
 
-def _run(texts, tok, config, work=None, on_step=None, mode_dense=False, restart=False):
+def _run(texts, tok, config, work=None, on_step=None, mode_dense=False, restart=False, device="cpu"):
     model = compressed(texts, tok)
     dense = ARCHS["llama"].build() if mode_dense else None
     result = recover_(model, tok, str(texts / "tune.txt"), config, eval_text=str(texts / "held.txt"), dense=dense,
-                      work_dir=work, restart=restart, on_step=on_step, progress=False)
+                      work_dir=work, restart=restart, on_step=on_step, device=device, progress=False)
     return model, result
 
 
@@ -366,7 +366,7 @@ def ckpt(texts, tok):
     return out
 
 
-CLI_FAST = ["--lora-rank", "4", "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--eval-windows", "4", "--quiet"]
+CLI_FAST = ["--device", "cpu", "--lora-rank", "4", "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--eval-windows", "4", "--quiet"]
 
 
 def test_cli_recover_then_eval(texts, ckpt, tmp_path, capsys):
@@ -380,10 +380,21 @@ def test_cli_recover_then_eval(texts, ckpt, tmp_path, capsys):
     assert not (tmp_path / ".rec.recover-work").exists()
     record = json.loads((tmp_path / "r.json").read_text())["recovery"]
     assert record["residual_init"]["statistics"]["source"] == "tune"
+    assert record["loss"] == {"next_token": 0.0, "distill_from_dense": 1.0}  # --dense given: distillation by default
     assert main(["eval", str(out), "--ppl", str(texts / "held.txt"), "--ppl", str(texts / "tune.txt"),
                  "--seq-len", "16", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "tuned by rankcut recover on tune" in printed and "looks like tuning data" in printed
+
+
+def test_cli_without_dense_trains_on_next_tokens_and_says_so(texts, ckpt, tmp_path, capsys):
+    code = main(["recover", str(ckpt), "--data", str(texts / "tune.txt"), "--steps", "2", *CLI_FAST,
+                 "-o", str(tmp_path / "rec"), "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    assert "note: next-token loss on the tuning text only" in capsys.readouterr().out
+    record = json.loads((tmp_path / "r.json").read_text())["recovery"]
+    assert record["loss"] == {"next_token": 1.0, "distill_from_dense": 0.0}
+    assert record["config"]["lr"] == 3e-3 and record["config"]["distill"] == 0.0
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -415,3 +426,43 @@ def test_cli_rejects_missing_non_checkpoint_and_existing_output(texts, ckpt, tmp
     assert main(["recover", str(ckpt), *data, "-o", str(tmp_path / "o")]) == 2
     assert "exists" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["o"] and not any((tmp_path / "o").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, checkpointing", [("auto", False), ("bf16", True), ("fp16", False)])
+def test_gpu_autocast_recovers(texts, tok, trained, precision, checkpointing):
+    """On CUDA with bf16 / fp16 autocast (fp16 with a gradient scaler), gradient checkpointing: held-out
+    perplexity falls, and the merged model on the CPU computes what it computed on the GPU."""
+    import copy
+
+    model = copy.deepcopy(trained)
+    compress_(model, CompressConfig(method="whiten", keep=0.5, calib_samples=8, seq_len=16, batch_size=4),
+              calib=str(texts / "tune.txt"), tokenizer=tok, progress=False)
+    config = RecoverConfig(steps=120, eval_every=60, precision=precision, gradient_checkpointing=checkpointing,
+                           **{**FAST, "batch_size": 8, "eval_windows": 16})
+    result = recover_(model, tok, str(texts / "tune.txt"), config, eval_text=str(texts / "held.txt"),
+                      device="cuda", progress=False)
+    assert next(model.parameters()).is_cuda
+    ev = result.record["eval"]
+    assert ev["after"] < 0.9 * ev["compressed"]
+    assert result.record["config"]["precision"] == precision
+    with torch.no_grad():
+        on_gpu = forward(model, IDS.cuda()).float().cpu()
+        on_cpu = forward(model.cpu(), IDS)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_interrupted_run_resumes(texts, tok, tmp_path):
+    """CUDA RNG state and optimizer state survive an interruption (dropout draws on the GPU)."""
+    config = RecoverConfig(steps=10, save_every=4, eval_every=5, lora_dropout=0.1, **FAST)
+    straight, _ = _run(texts, tok, config, device="cuda")
+    with pytest.raises(KeyboardInterrupt):
+        _run(texts, tok, config, tmp_path / "work", _interrupt_at(7), device="cuda")
+    resumed, result = _run(texts, tok, config, tmp_path / "work", device="cuda")
+    assert result.record["resumed_from"] == 4
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
