@@ -51,7 +51,8 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------- saving
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
@@ -144,7 +145,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
             "dense": record.get("dense", {}),
             "tied": tied,
             "record": {k: v for k, v in record.items() if k not in ("config", "ranks", "dense")},
-            "files": {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}},
+            "files": {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": sha256_file(tmp / WEIGHTS)}},
         }
         (tmp / RECORD).write_text(json.dumps(manifest, indent=1, default=str))
         _fsync_tree(tmp)
@@ -216,7 +217,7 @@ def _verify_files(path: Path, manifest: dict, verify: bool) -> None:
         size = (path / name).stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"{path / name} is corrupted or truncated: {size} bytes, expected {info['bytes']}")
-        if verify and _sha256(path / name) != info["sha256"]:
+        if verify and sha256_file(path / name) != info["sha256"]:
             raise CheckpointError(f"{path / name} is corrupted: SHA-256 does not match the record")
 
 

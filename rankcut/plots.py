@@ -55,6 +55,15 @@ def _grid(plt, count: int, width: float = 3.4, height: float = 3.0):
 STYLES = {"weight": "-", "whiten": "--"}
 
 
+def _finish(fig, path: Path, title: str, fontsize: int) -> Path:
+    """Title, tight layout, write at 110 dpi, close: the tail every figure here shares."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def reference_threshold(report: AnalysisReport) -> float:
     """The threshold shown in the heatmap: 0.90 when analysed, else the middle one."""
     return 0.9 if 0.9 in report.thresholds else report.thresholds[len(report.thresholds) // 2]
@@ -90,11 +99,7 @@ def plot_spectra(report: AnalysisReport, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=6, loc="lower left")
     note = "solid: W, dashed: W·L; " if "whiten" in report.kinds else ""
-    fig.suptitle(f"Normalised singular values ({note}colour: layer; red: break-even rank)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, f"Normalised singular values ({note}colour: layer; red: break-even rank)", 10)
 
 
 def plot_energy_heatmap(report: AnalysisReport, path: Path, threshold: float | None = None) -> Path:
@@ -151,11 +156,7 @@ def plot_cumulative_energy(report: AnalysisReport, path: Path) -> Path:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     note = "solid: W, dashed: W·L; " if "whiten" in report.kinds else ""
-    fig.suptitle(f"Cumulative energy ({note}colour: layer; red: break-even; dotted: thresholds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, f"Cumulative energy ({note}colour: layer; red: break-even; dotted: thresholds)", 9)
 
 
 def write_plots(report: AnalysisReport, directory: str | Path) -> list[Path]:

@@ -22,6 +22,7 @@ from rankcut.compress import RECORD_ATTR, count_params, default_seq_len, dense_s
 from rankcut.config import CompressConfig, RecoverConfig
 from rankcut.data import calibration_windows, source_name, token_stream
 from rankcut.evaluate.perplexity import perplexity
+from rankcut.io import sha256_file
 from rankcut.layers import dense_weight
 from rankcut.methods import get_method
 from rankcut.train import WorkDir, fit, resolve_precision, tuning_windows
@@ -29,14 +30,6 @@ from rankcut.train import WorkDir, fit, resolve_precision, tuning_windows
 log = logging.getLogger(__name__)
 
 __all__ = ["RecoverConfig", "RecoveryResult", "check_held_out", "recover_", "residual_init"]
-
-
-def _digest_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_held_out(data: list, eval_text) -> None:
@@ -48,7 +41,7 @@ def check_held_out(data: list, eval_text) -> None:
         return
     for source in data:
         if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
-            if os.path.samefile(source, eval_text) or _digest_file(str(source)) == _digest_file(str(eval_text)):
+            if os.path.samefile(source, eval_text) or sha256_file(source) == sha256_file(eval_text):
                 raise ValueError(f"evaluation text {eval_text} is also tuning data ({source}): recovery must be "
                                  "measured on held-out text the model was not tuned on")
 

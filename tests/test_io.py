@@ -367,7 +367,7 @@ def _explode(*args, **kwargs):
     raise Boom("interrupted")
 
 
-@pytest.mark.parametrize("where", ["_fsync_tree", "_sha256", "RankcutConfig.save_pretrained"])
+@pytest.mark.parametrize("where", ["_fsync_tree", "sha256_file", "RankcutConfig.save_pretrained"])
 def test_interrupted_save_leaves_nothing(where, monkeypatch, tmp_path):
     import rankcut.io as rio
 
