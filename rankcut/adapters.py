@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from rankcut.factorize import method_options
-from rankcut.layers import LowRankLinear
+from rankcut.layers import LowRankLinear, low_rank_modules
 from rankcut.linalg import break_even_rank, split_factors, truncated_svd
 from rankcut.methods import get_method
 from rankcut.targets import get_submodule_parent
@@ -123,10 +123,6 @@ class Handle:
     base: nn.Parameter | None
 
 
-def low_rank_layers(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
 def attach(model: nn.Module, config: RecoverConfig) -> tuple[nn.Module, dict[str, Handle], dict[str, str]]:
     """Freeze ``model`` and wrap its low-rank layers with adapters (seeded by ``config.seed``).
 
@@ -137,7 +133,7 @@ def attach(model: nn.Module, config: RecoverConfig) -> tuple[nn.Module, dict[str
     Raises:
         ValueError: the model holds no low-rank layers, or no layer can take an adapter.
     """
-    layers = low_rank_layers(model)
+    layers = low_rank_modules(model)
     if not layers:
         raise ValueError("model holds no rankcut low-rank layers: compress it first")
     for param in model.parameters():

@@ -99,7 +99,7 @@ class _Compressor:
                     power_iters=self.config.power_iters,
                     seed=self.config.seed,
                     svd_dtype=self.svd_dtype,
-                    options={"alpha": self.config.alpha, "damping": self.config.damping},
+                    options=self.config.method_options,
                 )
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from err

@@ -184,6 +184,11 @@ class CompressConfig:
                 return {key: getattr(self, key)}
         raise AssertionError("unreachable: __post_init__ sets a default")
 
+    @property
+    def method_options(self) -> dict:
+        """The options every method function is offered (each takes the ones it accepts)."""
+        return {"alpha": self.alpha, "damping": self.damping}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

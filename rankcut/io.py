@@ -34,7 +34,7 @@ from torch import nn
 
 from rankcut import __version__
 from rankcut.compress import RECORD_ATTR
-from rankcut.layers import LowRankLinear, dense_shape
+from rankcut.layers import LowRankLinear, dense_shape, low_rank_modules
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         owner[key] = name
         state[name] = tensor.detach().contiguous().cpu()
     return state, tied
-
-
-def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
 
 
 def _fsync_tree(root: Path) -> None:

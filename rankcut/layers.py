@@ -22,6 +22,11 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(layer).__name__}")
 
 
+def low_rank_modules(model: nn.Module) -> dict[str, "LowRankLinear"]:
+    """Every :class:`LowRankLinear` of ``model`` by qualified name, in module order."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+
+
 def dense_shape(layer: nn.Module) -> tuple[int, int]:
     """(out, in) of a dense linear layer, without materialising anything (works on the meta device)."""
     weight = dense_weight(layer)

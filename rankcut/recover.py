@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankcut.adapters import ResidualAdapter, apply_state, attach, initial_state, low_rank_layers, merge, residual_factors
+from rankcut.adapters import ResidualAdapter, apply_state, attach, initial_state, merge, residual_factors
 from rankcut.compress import RECORD_ATTR, count_params, default_seq_len, dense_stats, resolve_device
 from rankcut.config import CompressConfig, RecoverConfig
 from rankcut.data import calibration_windows, source_name, token_stream
 from rankcut.evaluate.perplexity import perplexity
 from rankcut.io import sha256_file
-from rankcut.layers import dense_weight
+from rankcut.layers import dense_weight, low_rank_modules
 from rankcut.methods import get_method
 from rankcut.train import WorkDir, fit, resolve_precision, tuning_windows
 
@@ -91,7 +91,7 @@ def residual_init(model: nn.Module, names: list[str], dense: nn.Module, tokenize
         if tuple(W.shape) != (layer.out_features, layer.in_features):
             raise ValueError(f"{name}: dense weight {tuple(W.shape)} does not match the compressed layer")
         B, A, _ = residual_factors(W, layer.U.weight.to(device), layer.V.weight.to(device), lora_rank, config.method,
-                                   stats.get(name), {"alpha": config.alpha, "damping": config.damping},
+                                   stats.get(name), config.method_options,
                                    getattr(torch, config.svd_dtype))
         out[name] = (B.float(), A.float())
     return out, info
@@ -168,7 +168,7 @@ def recover_(
     """
     config = config or RecoverConfig()
     record = getattr(model, RECORD_ATTR, None)
-    if record is None or not low_rank_layers(model):
+    if record is None or not low_rank_modules(model):
         raise ValueError("model holds no rankcut low-rank layers: compress it (or load a rankcut checkpoint) first")
     if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise ValueError(f"recovery trains with the next-token loss: {type(model).__name__} is not a causal LM")

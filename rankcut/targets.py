@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from rankcut.config import pattern_matches
-from rankcut.layers import Conv1D, LowRankLinear
+from rankcut.layers import Conv1D, LowRankLinear, low_rank_modules
 
 
 def is_dense_linear(module: nn.Module) -> bool:
@@ -55,7 +55,7 @@ def find_targets(
     Raises:
         ValueError: no targets were found, or an included layer shares its weight with another module.
     """
-    factors = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LowRankLinear))
+    factors = tuple(f"{n}." for n in low_rank_modules(model))
     linears = {  # the U/V factors inside a LowRankLinear are not targets (no re-factorising factors)
         name: mod for name, mod in model.named_modules() if is_dense_linear(mod) and not name.startswith(factors)
     }

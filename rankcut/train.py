@@ -143,9 +143,6 @@ class WorkDir:
     def save_state(self, state: dict) -> None:
         self._write("state.pt", lambda tmp: torch.save(state, tmp))
 
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
 
 def step_loss(model: nn.Module, ids: torch.Tensor, distill: float = 0.0, teacher: nn.Module | None = None) -> torch.Tensor:
     """``(1 − distill)·`` next-token cross-entropy ``+ distill·`` token-mean KL(teacher ‖ model)."""

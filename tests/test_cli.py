@@ -305,3 +305,11 @@ def test_eval_of_encoder_is_a_clear_error(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(sample_text(200, seed=4))
     run_error(capsys, ["eval", str(path), "--ppl", str(text), "--seq-len", SEQ, "--quiet"], "causal")
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    """``python -m rankcut`` is the ``rankcut`` script: same parser, same exit codes."""
+    ok = subprocess.run([sys.executable, "-m", "rankcut", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"rankcut {rankcut.__version__}"
+    bad = subprocess.run([sys.executable, "-m", "rankcut", "compress", "--keep", "0.5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "required: model, -o/--output" in bad.stderr

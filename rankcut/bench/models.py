@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 from rankcut.allocate import uniform_rank
-from rankcut.layers import LowRankLinear, dense_shape
+from rankcut.layers import LowRankLinear, dense_shape, low_rank_modules
 from rankcut.targets import find_targets, get_submodule_parent
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,10 @@ def weight_bytes(model: nn.Module) -> int:
 def target_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes the default targets would have dense, bytes they have now) — low-rank layers count r(m+n)."""
     dense = now = 0
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            size = module.U.weight.element_size()
-            dense += module.in_features * module.out_features * size
-            now += module.rank * (module.in_features + module.out_features) * size
+    for module in low_rank_modules(model).values():
+        size = module.U.weight.element_size()
+        dense += module.in_features * module.out_features * size
+        now += module.rank * (module.in_features + module.out_features) * size
     try:
         for module in find_targets(model).values():
             w = module.weight

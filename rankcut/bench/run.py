@@ -17,7 +17,7 @@ from rankcut.bench import cost
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.loop import time_decode
 from rankcut.bench.models import RANDOM_PREFIX, PRESETS, preset_config, random_lowrank_, random_model, weight_bytes
-from rankcut.layers import LowRankLinear
+from rankcut.layers import dense_shape, low_rank_modules
 from rankcut.targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,10 @@ def load_for_bench(spec: str, dtype: torch.dtype, device: str, layers: int | Non
 
 def target_rows(model) -> list[tuple[str, int, int, int | None]]:
     """``(name, m, n, rank or None)`` of every low-rank layer and every remaining dense target."""
-    rows = [(n, m.out_features, m.in_features, m.rank) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    rows = [(n, m.out_features, m.in_features, m.rank) for n, m in low_rank_modules(model).items()]
     try:
         for name, module in find_targets(model).items():
-            w = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
-            rows.append((name, w.shape[0], w.shape[1], None))
+            rows.append((name, *dense_shape(module), None))
     except ValueError:
         pass
     return rows

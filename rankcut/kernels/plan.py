@@ -177,19 +177,12 @@ def _plan_fused(
     ns: list[int],
     num_sms: int,
     *,
-    mode: str = "fused",
     max_elems: int | None = None,
     block_r: int | None = None,
     block_n: int | None = None,
     prefetch: bool | None = None,
 ) -> LowRankPlan:
-    """The persistent single-launch plan (see :func:`plan_lowrank`)."""
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"m must be in [1, {MAX_M}], got {m}")
-    if k < 1 or not ranks or len(ranks) != len(ns) or min(ranks) < 1 or min(ns) < 1:
-        raise ValueError(f"bad problem: k={k}, ranks={ranks}, ns={ns}")
-    if mode not in ("fused", "two"):
-        raise ValueError(f"mode must be 'fused' or 'two', got {mode!r}")
+    """The persistent single-launch plan (see :func:`plan_lowrank`, which checks the arguments)."""
     cap = max_elems or 16384
     G = max(1, num_sms)
     R, max_rank = sum(ranks), max(ranks)
@@ -197,14 +190,10 @@ def _plan_fused(
     if m_pad == 1:
         # GEMV (M = 1): a tile is block_r rows × block_k columns, loaded at once (no loop inside a tile), the
         # next tile's load in flight while the current one is reduced. block_k: the largest power of two that
-        # wastes at most ~12 % more lanes than the tightest choice. "two" mode has no split-K: one tile row
-        # spans all of K.
-        if mode == "two":
-            block_k = next_pow2(k)
-        else:
-            options = [b for b in (1024, 2048, 4096, 8192) if b <= max(1024, cap)]
-            waste = {b: math.ceil(k / b) * b for b in options}
-            block_k = min(next_pow2(k), max(b for b in options if waste[b] <= min(waste.values()) * 1.12))
+        # wastes at most ~12 % more lanes than the tightest choice.
+        options = [b for b in (1024, 2048, 4096, 8192) if b <= max(1024, cap)]
+        waste = {b: math.ceil(k / b) * b for b in options}
+        block_k = min(next_pow2(k), max(b for b in options if waste[b] <= min(waste.values()) * 1.12))
         split_k, k_iters = math.ceil(k / block_k), 1
         cands = [c for c in (1, 2, 4, 8, 16, 32) if c * block_k <= max(cap, block_k) and c <= next_pow2(R)] or [1]
         br = block_r or _pick(cands, lambda c: math.ceil(math.ceil(R / c) * split_k / G) * (c * block_k + TILE_COST))
@@ -218,26 +207,24 @@ def _plan_fused(
         br = block_r or 32
         nb = math.ceil(R / br)
         chunks = math.ceil(k / block_k)
-        split_k = 1 if mode == "two" else max(1, min(chunks, round(G / nb)))
+        split_k = max(1, min(chunks, round(G / nb)))
         k_iters = math.ceil(chunks / split_k)
         split_k = math.ceil(chunks / k_iters)
         block_rk = max(16, min(next_pow2(max_rank), 256))
         cands = [c for c in (16, 32, 64) if c * block_rk <= max(cap, 16 * block_rk)]
         bn = block_n or _pick(cands, lambda c: math.ceil(phase2_tiles(ns, c) / G) * c)
         stages = 3
-    if mode == "two" and split_k > 1:  # no atomics without the fused barrier: one tile spans all of K
-        k_iters, split_k = k_iters * split_k, 1
     tiles1 = math.ceil(R / br) * split_k
     tiles2 = phase2_tiles(ns, bn)
     grid = min(G, max(tiles1, tiles2))
     if m_pad == 1:  # GEMV: "prefetch" = request the first U tile before phase 1 (always possible)
-        can_prefetch = mode == "fused"
+        can_prefetch = True
     else:  # tensor cores: one U tile per program, the whole rank in one chunk
-        can_prefetch = mode == "fused" and tiles2 <= grid and max_rank <= block_rk and bn * block_rk <= max(cap, 4096)
+        can_prefetch = tiles2 <= grid and max_rank <= block_rk and bn * block_rk <= max(cap, 4096)
     pre = can_prefetch if prefetch is None else (prefetch and can_prefetch)
     tile_elems = max(br * block_k, bn * block_rk)
     warps = 8 if tile_elems >= 16384 else 4
-    return LowRankPlan(m_pad, br, block_k, k_iters, split_k, tiles1, bn, block_rk, tiles2, grid, mode, pre, warps, stages)
+    return LowRankPlan(m_pad, br, block_k, k_iters, split_k, tiles1, bn, block_rk, tiles2, grid, "fused", pre, warps, stages)
 
 
 def tile_table(ranks: list[int], ns: list[int], block_n: int) -> list[int]:
