@@ -1,5 +1,5 @@
 """Cost model vs measurement (issue #4, item 4): predicted time of each benchmarked layer and of each decode
-step from :mod:`rankcut.bench.cost` (constants :data:`~rankcut.bench.cost.H200_BF16`, fitted on the layer
+step from :mod:`rankcut.cost` (constants :data:`~rankcut.cost.H200_BF16`, fitted on the layer
 benchmark), against the measured figures in ``benchmarks/results``.
 
 A decode step is predicted as: the projections (launch units as the decode step runs them), the LM head, the
@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from rankcut.allocate import uniform_rank
-from rankcut.bench import cost
+from rankcut.units import uniform_rank
+from rankcut import cost
 from rankcut.bench.models import preset_config
 
 PROJ = ("nvjet", "splitKreduce", "gemv", "_p1_", "_p2_")

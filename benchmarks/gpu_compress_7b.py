@@ -35,12 +35,13 @@ from collections import defaultdict
 import torch
 import transformers
 
+from accelerate import init_empty_weights
+
 import rankcut
 import rankcut.calibrate
-import rankcut.compress
-import rankcut.factorize
+import rankcut.methods.spectral
 import rankcut.methods.whiten
-from rankcut.io import params_on_meta
+import rankcut.pipeline
 from rankcut.targets import find_blocks
 
 GiB = 2**30
@@ -57,7 +58,7 @@ def llama2_7b_config(layers: int) -> transformers.LlamaConfig:
 @torch.no_grad()
 def build_random_model(layers: int, dtype: torch.dtype, seed: int) -> transformers.PreTrainedModel:
     """The model on the CPU in ``dtype``: matrices ~ N(0, 0.02²), norm weights 1, buffers as constructed."""
-    with params_on_meta():
+    with init_empty_weights(include_buffers=False):
         model = transformers.LlamaForCausalLM(llama2_7b_config(layers))
     draw = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=draw).manual_seed(seed)
@@ -109,7 +110,7 @@ class KernelTimes:
     def __enter__(self) -> KernelTimes:
         self._wrap(rankcut.calibrate.StatAccumulator, "update", "gram accumulation (in statistics)")
         self._wrap(rankcut.methods.whiten, "safe_cholesky", "cholesky (in decomposition)")
-        self._wrap(rankcut.factorize, "svd_top", "svd (in decomposition)")
+        self._wrap(rankcut.methods.spectral, "svd_top", "svd (in decomposition)")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--method", default="whiten")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--solver", default="exact")
+    parser.add_argument("--allocation", default=None, help="allocation policy (default: uniform keep)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
@@ -216,7 +218,7 @@ def main() -> None:
                            generator=torch.Generator().manual_seed(args.seed))
     config = rankcut.CompressConfig(
         method=args.method, keep=args.keep, calib_samples=args.samples, seq_len=args.seq_len,
-        batch_size=args.batch_size, solver=args.solver,
+        batch_size=args.batch_size, options={"solver": args.solver}, allocation=args.allocation,
     )
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -225,14 +227,14 @@ def main() -> None:
         gpu_before = torch.cuda.memory_allocated(device)
     watch = BlockWatch(model)
     captured: dict[str, int] = {}
-    original_capture = rankcut.compress.capture_block_inputs
+    original_capture = rankcut.pipeline.capture_block_inputs
 
     def capture(*a, **kw):  # measure the captured inputs; keep no reference to them
         calls = original_capture(*a, **kw)
         captured.update(captured_bytes(calls))
         return calls
 
-    rankcut.compress.capture_block_inputs = capture
+    rankcut.pipeline.capture_block_inputs = capture
     kernels = KernelTimes()
     wall = time.perf_counter()
     if args.no_kernel_times:
@@ -242,7 +244,7 @@ def main() -> None:
             summary = rankcut.compress_(model, config, calib=tokens, device=device, progress=False)
     compress_s = time.perf_counter() - wall
     watch.close()
-    rankcut.compress.capture_block_inputs = original_capture
+    rankcut.pipeline.capture_block_inputs = original_capture
     result = {
         "command": command,
         "environment": environment(),

@@ -25,8 +25,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-from rankcut.allocate import max_useful_rank
-from rankcut.bench.timing import copies_for, copy_bandwidth, environment, graph_time, launch_floor
+from rankcut.units import max_useful_rank
+from rankcut.bench.timing import copies_for, copy_bandwidth, graph_time, launch_floor
+from rankcut.utils import environment
 from rankcut.kernels import dispatch
 from rankcut.kernels.plan import kernel_pays
 

@@ -39,7 +39,7 @@ import torch
 import transformers
 
 from rankcut.adapters import keep_for_growth
-from rankcut.layers import dense_shape
+from rankcut.modules import dense_shape
 from rankcut.targets import find_targets
 
 MODES = (("factors", "zero"), ("factors", "residual"), ("grow", "zero"), ("grow", "residual"))
@@ -189,7 +189,7 @@ def main() -> None:
     for k in sorted(set(args.keep) | ({grow_keep[k] for k in args.keep} if any(m == "grow" for m, _ in modes) else set())):
         path = str(out / f"whiten_{k}")
         wall = run(["rankcut", "compress", dense, "--keep", str(k), *compress, "-o", path], log)
-        record = json.loads((Path(path) / "rankcut.json").read_text())["record"]
+        record = json.loads((Path(path) / "rankcut.json").read_text())  # format 2: the record is the file
         test, dev_ppl = evaluate(path)
         results["starts"][str(k)] = {"path": path, "ppl": test, "dev": dev_ppl, "compress_s": wall,
                                      "keep_targets": record["keep_targets"],

@@ -14,37 +14,71 @@ Public API::
 
 __version__ = "0.1.0"
 
-from rankcut.analyze import AnalysisReport, analyze  # noqa: E402
-from rankcut.compress import compress_  # noqa: E402
-from rankcut.config import CompressConfig, RecoverConfig  # noqa: E402
-from rankcut.evaluate import evaluate, perplexity  # noqa: E402
-from rankcut.io import CheckpointError, load, register_with_transformers, save  # noqa: E402
-from rankcut.layers import LowRankLinear  # noqa: E402
-from rankcut.methods import available_methods, register as register_method  # noqa: E402
-from rankcut.recover import RecoveryResult, recover_  # noqa: E402
-from rankcut.summary import CompressionSummary  # noqa: E402
-from rankcut.sweep import sweep  # noqa: E402
-from rankcut.targets import find_targets  # noqa: E402
 
-register_with_transformers()
+def _started_as_cli() -> bool:
+    """Whether this process is the ``rankcut`` command (the script, or ``python -m rankcut``)."""
+    import os
+    import sys
+
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "rankcut":
+        return True
+    argv = getattr(sys, "orig_argv", [])
+    return any(a == "-m" and b == "rankcut" for a, b in zip(argv, argv[1:]))
+
+
+try:  # torch and transformers take seconds to import: Ctrl-C then is an interrupt like any other for the CLI
+    from rankcut.analyze import AnalysisReport, analyze
+    from rankcut.compress import compress_
+    from rankcut.config import CompressConfig, RecoverConfig
+    from rankcut.evaluate import evaluate, perplexity
+    from rankcut.fuse import prepare_for_inference, unfuse
+    from rankcut.hf import register_with_transformers
+    from rankcut.io import CheckpointError, load, save
+    from rankcut.methods import available_methods, register as register_method
+    from rankcut.methods.asvd import ASVDConfig
+    from rankcut.methods.svd import SVDConfig
+    from rankcut.methods.whiten import WhitenConfig
+    from rankcut.modules import LowRankLinear
+    from rankcut.policies import available_policies
+    from rankcut.record import Record
+    from rankcut.recover import RecoveryResult, recover_
+    from rankcut.summary import CompressionSummary
+    from rankcut.sweep import sweep
+    from rankcut.targets import find_targets
+
+    register_with_transformers()
+except KeyboardInterrupt:
+    if not _started_as_cli():
+        raise
+    import sys
+
+    sys.stderr.write("rankcut: interrupted; nothing was saved\n")
+    raise SystemExit(130) from None
 
 __all__ = [
+    "ASVDConfig",
     "AnalysisReport",
     "CheckpointError",
     "CompressConfig",
     "CompressionSummary",
     "LowRankLinear",
+    "Record",
     "RecoverConfig",
     "RecoveryResult",
+    "SVDConfig",
+    "WhitenConfig",
     "analyze",
     "available_methods",
+    "available_policies",
     "compress_",
     "evaluate",
     "find_targets",
     "load",
     "perplexity",
+    "prepare_for_inference",
     "recover_",
     "register_method",
     "save",
     "sweep",
+    "unfuse",
 ]

@@ -3,7 +3,7 @@
 Two modes (the training loop is :mod:`rankcut.train`):
 
 - ``factors`` (mode a): PEFT LoRA (Hu et al. 2021, arXiv:2106.09685) on each factor ``nn.Linear`` (``U`` and
-  ``V``) of every :class:`~rankcut.layers.LowRankLinear`, merged back into the factors: ranks, shapes and
+  ``V``) of every :class:`~rankcut.modules.LowRankLinear`, merged back into the factors: ranks, shapes and
   speed are unchanged.
 - ``grow`` (mode b): a residual adapter ``y = U V x + s·B A x`` on the whole layer, merged by concatenating
   the factors, ``U' = [U, s·B]``, ``V' = [V; A]``: the rank grows by the adapter rank.
@@ -17,6 +17,12 @@ truncated SVD in the method's space the residual is orthogonal to both factors' 
 of either factor alone is zero. ``residual`` there therefore means the residual of the factor itself, as in
 PiSSA (Meng et al. 2024, arXiv:2404.02948): the adapter takes the factor's top ``lora_rank`` singular
 directions and the frozen factor keeps the rest; the model's function is unchanged at the start.
+rankcut computes that start itself (:func:`principal_factors`, :func:`apply_state`) rather than through PEFT's
+``init_lora_weights="pissa"``: on float32 factors the two agree (the same adapters bit for bit, the shifted factor
+to float32 rounding), but on bf16/fp16 factors PEFT shifts by the float32 adapters and then rounds the adapters to
+the factor's dtype, so its start no longer computes the compressed model; a factor with fewer singular
+directions than ``lora_rank`` gets a smaller adapter there than configured; and a resumed run would still need
+the shift done here (tests/test_recover.py compares the two).
 """
 
 from __future__ import annotations
@@ -30,8 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rankcut.factorize import method_options
-from rankcut.layers import LowRankLinear, low_rank_modules
+from rankcut.modules import LowRankLinear, low_rank_modules
 from rankcut.linalg import break_even_rank, split_factors, truncated_svd
 from rankcut.methods import get_method
 from rankcut.targets import get_submodule_parent
@@ -49,10 +54,11 @@ def residual_factors(
     rank: int,
     method: str = "svd",
     stat: torch.Tensor | None = None,
-    options: dict | None = None,
-    svd_dtype: torch.dtype = torch.float32,
+    options=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-``rank`` correction ``B A`` of ``W ≈ U V`` in the space ``method`` truncates.
+
+    ``options`` are the method's settings (a dict or its config dataclass; ``svd_dtype`` among them).
 
     The method is applied to the residual ``R = W − U V`` (every method is linear in W for a fixed statistic):
     ``R M = P S Qᵀ`` truncated to ``rank``; ``B = P √S`` and ``A = √S Qᵀ M⁻¹``. When ``U V`` is the method's
@@ -64,7 +70,8 @@ def residual_factors(
     """
     residual = W.to(torch.float64) - U.to(torch.float64) @ V.to(torch.float64)
     spec = get_method(method)
-    pre = spec.fn(residual.to(svd_dtype), stat, **method_options(spec.fn, options or {}))
+    config = spec.make_config(options)
+    pre = spec.precondition(residual.to(getattr(torch, config.svd_dtype)), stat, config)
     P, S, Qh = truncated_svd(pre.A, rank)
     B, A = split_factors(P, S, Qh)
     return B, pre.unapply(A), S
@@ -227,7 +234,7 @@ def keep_for_growth(shapes: list[tuple[int, int]], keep: float, lora_rank: int) 
     Args:
         shapes: the targets' (out, in) shapes.
     """
-    from rankcut.allocate import uniform_rank
+    from rankcut.units import uniform_rank
 
     budget = sum(uniform_rank(m, n, keep) * (m + n) for m, n in shapes)
 

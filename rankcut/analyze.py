@@ -6,9 +6,11 @@ of mn and, for bandwidth-bound decode, can be at most ``mn/(r(m+n))`` times fast
 (DESIGN.md §5). At or above the break-even rank ``mn/(m+n)`` the factors are no smaller than W, so such a
 target is reported as dense: no saving, speedup bound 1.
 
-With calibration text, the spectrum of ``W·L`` (``L Lᵀ = XᵀX``, the matrix the ``whiten`` method truncates;
-Wang et al. 2024, SVD-LLM, arXiv:2403.07378) is reported too: its energy measures the layer's *output*
-error on the calibration set, which the weight's energy alone does not.
+With calibration text, the spectrum of the matrix a data-aware method truncates is reported too (any
+registered method; default ``whiten``: ``W·L`` with ``L Lᵀ = XᵀX``, Wang et al. 2024, SVD-LLM,
+arXiv:2403.07378): its energy measures the layer's *output* error on the calibration set, which the
+weight's energy alone does not. The statistics come from the same block pipeline as compression
+(:mod:`rankcut.pipeline`), and the matrix from the method's own preconditioning.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankcut.allocate import energy_rank, max_useful_rank
-from rankcut.linalg import break_even_rank, safe_cholesky
+from rankcut.data import calibration_windows
+from rankcut.linalg import break_even_rank
+from rankcut.methods import get_method
+from rankcut.modules import dense_weight
+from rankcut.pipeline import Visitor, check_finite_weights, run_blocks
+from rankcut.policies.energy import energy_rank
+from rankcut.targets import find_blocks, find_targets, target_infos
+from rankcut.units import max_useful_rank
+from rankcut.utils import count_params, default_seq_len, resolve_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = (0.80, 0.85, 0.90, 0.95, 0.99)
-KINDS = ("weight", "whiten")  # spectrum of W, and of W·L
+#: How the reports name the matrix each method truncates.
+MATRIX = {"whiten": "W·L, L Lᵀ = XᵀX", "asvd": "W·diag(s), s = mean|x|^α"}
 
 
 def check_thresholds(thresholds) -> tuple[float, ...]:
@@ -59,12 +69,6 @@ def speedup_bound(m: int, n: int, rank: int) -> float:
     return m * n / (rank * (m + n))
 
 
-def whitened_matrix(W: torch.Tensor, gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
-    """``W·L`` in float64, with ``L`` the (damped if needed) Cholesky factor of the Gram matrix ``XᵀX``."""
-    L, _ = safe_cholesky(gram.to(W.device), damping=damping)
-    return W.to(torch.float64) @ L
-
-
 def spectrum_entry(S: torch.Tensor, m: int, n: int, thresholds) -> dict:
     """Energy ranks and their consequences for one singular-value vector ``S`` of an m×n matrix.
 
@@ -90,19 +94,7 @@ def spectrum_entry(S: torch.Tensor, m: int, n: int, thresholds) -> dict:
 def target_layout(names: list[str], model: nn.Module) -> dict[str, tuple[int | None, str]]:
     """``name -> (block index, tensor type)``, e.g. ``model.layers.3.mlp.up_proj -> (3, "mlp.up_proj")``.
     Targets outside the blocks get ``(None, name)``."""
-    from rankcut.targets import find_blocks
-
-    found = find_blocks(model)
-    prefix = found[0] + "." if found else None
-    out = {}
-    for name in names:
-        if prefix and name.startswith(prefix):
-            index, _, kind = name[len(prefix) :].partition(".")
-            if index.isdigit():
-                out[name] = (int(index), kind)
-                continue
-        out[name] = (None, name)
-    return out
+    return {t.name: (t.block, t.kind) for t in target_infos(model, {n: model.get_submodule(n) for n in names})}
 
 
 @dataclass
@@ -110,13 +102,15 @@ class AnalysisReport:
     """The result of :func:`analyze`: per-target spectra and the per-threshold summaries."""
 
     thresholds: tuple[float, ...]
-    targets: dict[str, dict]  # name -> {shape, layer, type, break_even, weight: entry, whiten: entry?}
+    targets: dict[str, dict]  # name -> {shape, layer, type, break_even, weight: entry, <method>: entry?}
     model_params: int
     settings: dict = field(default_factory=dict)
+    method: str = "whiten"
 
     @property
     def kinds(self) -> list[str]:
-        return [k for k in KINDS if all(k in t for t in self.targets.values())]
+        """``weight``, and the method's name when its spectra were computed."""
+        return [k for k in ("weight", self.method) if all(k in t for t in self.targets.values())]
 
     def summary(self, kind: str = "weight") -> list[dict]:
         """Per threshold: targets factorised/dense, kept parameters, keep over targets and whole model,
@@ -148,6 +142,7 @@ class AnalysisReport:
             "target_params": sum(t["shape"][0] * t["shape"][1] for t in self.targets.values()),
             "settings": self.settings,
             "summary": {k: self.summary(k) for k in self.kinds},
+            "method": self.method,
             "targets": self.targets,
         }
 
@@ -179,43 +174,23 @@ class AnalysisReport:
         return "\n".join(lines)
 
 
-def _block_grams(model, targets, windows, device, batch_size, progress):
-    """Yield ``{name: XᵀX}`` for the targets of each transformer block in turn (one block on ``device`` at a
-    time, like layerwise compression); with targets outside the blocks, one whole-model hook pass instead."""
-    from rankcut.calibrate import (
-        StatsCollector, batches, block_output, capture_block_inputs, model_inputs, move_outside, with_hidden,
-    )
-    from rankcut.targets import find_blocks
+class _Spectra(Visitor):
+    """The spectrum of each target's preconditioned matrix (the method's, in float64), block by block."""
 
-    layout = target_layout(list(targets), model)
-    found = find_blocks(model)
-    if found is None or any(layer is None for layer, _ in layout.values()):
-        home = next(model.parameters()).device
-        model.to(device)
-        try:
-            with StatsCollector(targets, "gram") as stats:
-                for ids in tqdm(list(batches(windows, batch_size)), desc="calibrate", disable=not progress):
-                    model(**model_inputs(model, ids.to(device)))
-            yield {name: stats.stat(name) for name in targets}
-        finally:
-            model.to(home)
-        return
-    prefix, blocks = found
-    home = model.get_input_embeddings().weight.device
-    move_outside(model, prefix, device)
-    try:
-        calls = capture_block_inputs(model, blocks[0], windows, batch_size, device)
-        for index, block in enumerate(tqdm(blocks, desc="calibrate blocks", disable=not progress)):
-            chosen = {n: targets[n] for n, (layer, _) in layout.items() if layer == index}
-            block_home = next(block.parameters()).device
-            block.to(device)
-            with StatsCollector(chosen, "gram") as stats:
-                for i, (args, kwargs) in enumerate(calls):
-                    calls[i] = with_hidden(args, kwargs, block_output(block(*args, **kwargs)))
-            block.to(block_home)
-            yield {name: stats.stat(name) for name in chosen}
-    finally:
-        move_outside(model, prefix, home)
+    def __init__(self, spec, config, result: dict, thresholds, device) -> None:
+        self.spec, self.config, self.result, self.thresholds, self.device = spec, config, result, thresholds, device
+        self.stat = spec.stat
+
+    def visit(self, block, targets, stats) -> None:
+        for name, module in targets.items():
+            W = dense_weight(module).detach().to(self.device, torch.float64)
+            m, n = W.shape
+            try:
+                A = self.spec.precondition(W, stats(name).to(self.device), self.config).A
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
+            self.result[name][self.spec.name] = spectrum_entry(torch.linalg.svdvals(A.to(torch.float64)), m, n,
+                                                              self.thresholds)
 
 
 def analyze(
@@ -224,6 +199,8 @@ def analyze(
     calib=None,
     tokenizer=None,
     *,
+    method: str = "whiten",
+    options: dict | None = None,
     calib_samples: int = 128,
     seq_len: int | None = None,
     seed: int = 0,
@@ -232,7 +209,6 @@ def analyze(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     device: str | torch.device | None = None,
-    damping: float = 1e-6,
     progress: bool = True,
 ) -> AnalysisReport:
     """Singular values and energy ranks of every target of ``model`` (the model is not modified).
@@ -240,30 +216,31 @@ def analyze(
     Args:
         model: a Hugging Face transformer.
         thresholds: energy thresholds in (0, 1].
-        calib: optional calibration text (as for :func:`rankcut.compress_`); when given, the spectra of
-            ``W·L`` (activation-aware, as ``whiten`` sees them) are computed as well.
+        calib: optional calibration text (as for :func:`rankcut.compress_`); when given, the spectra of the
+            matrix ``method`` truncates (``W·L`` for ``whiten``) are computed as well.
         tokenizer: turns text calibration into tokens.
+        method: a registered spectral method that uses calibration statistics (default ``whiten``).
+        options: that method's options (e.g. ``{"damping": 1e-6}``).
         calib_samples, seq_len, seed, sampling, batch_size: calibration windows, as for compression.
         include, exclude: target selection patterns (exact names or ``re:REGEX``).
         device: where SVDs and calibration blocks run (default: CUDA when available).
-        damping: initial Cholesky damping for a Gram matrix that is not positive definite.
         progress: show progress bars.
 
     Raises:
-        ValueError: bad thresholds, no targets, non-finite weights, too-short calibration text.
+        ValueError: bad thresholds, an unknown method, no targets, non-finite weights, too-short calibration
+            text.
     """
-    from rankcut.compress import check_finite_weights, count_params, default_seq_len, resolve_device
-    from rankcut.data import calibration_windows
-    from rankcut.layers import dense_weight
-    from rankcut.targets import find_targets
-
     thresholds = check_thresholds(thresholds)
+    spec = get_method(method)
+    if spec.precondition is None:
+        raise ValueError(f"analyze needs a spectral method; {method!r} is a group method")
+    config = spec.make_config(options)
     targets = find_targets(model, include, exclude)
     check_finite_weights(model)
     device = resolve_device(device, model)
     layout = target_layout(list(targets), model)
     windows = None
-    if calib is not None:
+    if calib is not None and spec.stat is not None:
         seq_len = seq_len or default_seq_len(model)
         windows = calibration_windows(calib, tokenizer, calib_samples, seq_len, seed, sampling)
     result: dict[str, dict] = {}
@@ -279,27 +256,23 @@ def analyze(
                     "shape": [m, n], "layer": layer, "type": kind, "break_even": break_even_rank(m, n),
                     "weight": spectrum_entry(torch.linalg.svdvals(W), m, n, thresholds),
                 }
-            if windows is not None:
-                for grams in _block_grams(model, targets, windows, device, batch_size, progress):
-                    for name, gram in grams.items():
-                        W = dense_weight(targets[name]).detach().to(device, torch.float64)
-                        m, n = W.shape
-                        try:
-                            A = whitened_matrix(W, gram.to(device), damping)
-                        except ValueError as err:
-                            raise ValueError(f"{name}: {err}") from err
-                        result[name]["whiten"] = spectrum_entry(torch.linalg.svdvals(A), m, n, thresholds)
     finally:
         model.train(was_training)
+    if windows is not None:
+        layerwise = find_blocks(model) is not None and all(layer is not None for layer, _ in layout.values())
+        run_blocks(model, dict(targets), windows, _Spectra(spec, config, result, thresholds, device), device=device,
+                   batch_size=batch_size, layerwise=layerwise, progress=progress)
     settings = {
         "thresholds": list(thresholds),
+        "method": method,
+        "options": config.to_dict(),
         "calibration": None if windows is None else {
             "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "tokens": int(windows.numel()),
-            "seed": seed, "sampling": sampling, "damping": damping,
+            "seed": seed, "sampling": sampling, **({"damping": config.damping} if hasattr(config, "damping") else {}),
         },
         "include": include, "exclude": exclude, "device": str(device), "seed": seed,
     }
-    return AnalysisReport(thresholds, result, count_params(model), settings)
+    return AnalysisReport(thresholds, result, count_params(model), settings, method)
 
 
 def render_markdown(report: AnalysisReport, info: dict, plots: list[str]) -> str:
@@ -319,16 +292,18 @@ def render_markdown(report: AnalysisReport, info: dict, plots: list[str]) -> str
         "bounds on speed and say nothing about quality.", "",
         "## Weight spectra (W)", "", report.summary_table("weight"), "",
     ]
-    if "whiten" in report.kinds:
+    if report.method in report.kinds:
+        what = MATRIX.get(report.method, f"the matrix {report.method} truncates")
         lines += [
-            "## Activation-aware spectra (W·L, L Lᵀ = XᵀX, as `whiten` truncates them)", "",
+            f"## Activation-aware spectra ({what}, as `{report.method}` truncates them)", "",
             f"Calibration: {calib['samples']} windows × {calib['seq_len']} tokens, seed {calib['seed']}. The energy "
-            "of W·L is the layer's output energy on the calibration set, so these ranks measure output error, "
-            "which the weight's energy does not.", "",
-            report.summary_table("whiten"), "",
+            f"of {what.split(',')[0]} is the layer's output energy on the calibration set, so these ranks measure output "
+            "error, which the weight's energy does not.", "",
+            report.summary_table(report.method), "",
         ]
     lines += ["## Figures", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     for kind in report.kinds:
-        lines += [f"## Per-target energy ranks ({'W' if kind == 'weight' else 'W·L'}; cell: rank (speedup bound))", "",
+        short = "W" if kind == "weight" else MATRIX.get(kind, kind).split(",")[0]
+        lines += [f"## Per-target energy ranks ({short}; cell: rank (speedup bound))", "",
                   report.target_table(kind), ""]
     return "\n".join(lines)

@@ -1,120 +1,43 @@
-"""Orchestration: calibrate -> allocate -> decompose -> swap. The one public entry point is :func:`compress_`."""
+"""The one entry point of compression, :func:`compress_`, and the dense statistics it can share.
+
+``compress_`` wires the phases of :mod:`rankcut.pipeline` together: targets, calibration windows, the
+statistics phase, and the :class:`~rankcut.pipeline.Compression` visitor (plan -> decompose -> swap), then
+the summary and the record the model carries to :func:`rankcut.save`.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from rankcut import __version__
-from rankcut.allocate import allocation_for
-from rankcut.calibrate import (
-    StatsCollector,
-    batches,
-    block_output,
-    capture_block_inputs,
-    model_inputs,
-    move_outside,
-    with_hidden,
-)
 from rankcut.config import CompressConfig
+from rankcut.cost import fixed_decode_seconds, speedup_warning_once
 from rankcut.data import calibration_windows, source_name
-from rankcut.factorize import factorize
-from rankcut.layers import LowRankLinear, dense_weight
-from rankcut.methods import get_method
-from rankcut.summary import CompressionSummary, TargetRow
-from rankcut.targets import find_blocks, find_targets, get_submodule_parent
+from rankcut.pipeline import Compression, GivenStats, StatRecorder, check_finite_weights, run_blocks
+from rankcut.policies import make_policy
+from rankcut.record import Record, get_record, set_record
+from rankcut.summary import CompressionSummary
+from rankcut.targets import find_blocks, find_targets
+from rankcut.utils import Timer, count_params, default_seq_len, resolve_device
 
 log = logging.getLogger(__name__)
 
-RECORD_ATTR = "rankcut_record"
 
+def check_inputs(config: CompressConfig, calib=None) -> None:
+    """The checks of a compression's inputs that need no model (the CLI runs them before loading one).
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def default_seq_len(model: nn.Module) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return min(2048, limit) if limit else 2048
-
-
-def resolve_device(device, model: nn.Module) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else next(model.parameters()).device)
-    return torch.device(device)
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - start
-
-
-def check_finite_weights(model: nn.Module) -> None:
-    """Raise ValueError naming the first parameter of ``model`` that holds inf/NaN.
-
-    Every parameter is checked up front, not only the targets: a NaN in a norm of a later block would
-    otherwise surface mid-calibration, after earlier blocks were already swapped.
+    Raises:
+        ValueError: a data-aware method without calibration data, or a calibration source that is neither an
+            existing file nor a known dataset.
     """
-    for name, param in model.named_parameters():
-        if param.device.type != "meta" and param.is_floating_point() and not torch.isfinite(param).all():
-            layer = name.rpartition(".")[0] or name
-            raise ValueError(f"non-finite values (inf/NaN) in layer {layer} ({name})")
+    from rankcut.data import check_source
 
-
-class _Compressor:
-    """State of one compress_ call: the targets, the config, and the rows produced so far."""
-
-    def __init__(self, model: nn.Module, config: CompressConfig, device: torch.device, timer: _Timer) -> None:
-        self.model, self.config, self.device, self.timer = model, config, device, timer
-        self.spec = get_method(config.method)
-        self.svd_dtype = getattr(torch, config.svd_dtype)
-        self.rows: dict[str, TargetRow] = {}
-
-    def decompose(self, name: str, module: nn.Module, stat: torch.Tensor | None) -> None:
-        """Factorise one target and swap it into the model (or record why it stays dense)."""
-        with self.timer("decomposition"):
-            W = dense_weight(module).detach().to(self.device)
-            m, n = W.shape
-            try:
-                result = factorize(
-                    W,
-                    self.config.method,
-                    allocation_for(name, self.config),
-                    None if stat is None else stat.to(self.device),
-                    solver=self.config.solver,
-                    oversample=self.config.oversample,
-                    power_iters=self.config.power_iters,
-                    seed=self.config.seed,
-                    svd_dtype=self.svd_dtype,
-                    options=self.config.method_options,
-                )
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from err
-            if result.U is None:
-                log.warning("%s stays dense: %s", name, result.reason)
-                self.rows[name] = TargetRow(name, (m, n), None, m * n, m * n, None, result.reason)
-                return
-            weight = dense_weight(module)
-            bias = getattr(module, "bias", None)
-            new = LowRankLinear.from_factors(
-                result.U.to(weight.device), result.V.to(weight.device), None if bias is None else bias.detach(), dtype=weight.dtype
-            )
-            parent, child = get_submodule_parent(self.model, name)
-            setattr(parent, child, new)
-            self.rows[name] = TargetRow(name, (m, n), result.rank, m * n, result.rank * (m + n), result.energy)
+    if config.method_spec.stat is not None and calib is None:
+        raise ValueError(f"method {config.method!r} needs calibration data (calib=...)")
+    check_source(calib, "calibration text")
 
 
 def compress_(
@@ -124,8 +47,9 @@ def compress_(
     tokenizer=None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    context: dict | None = None,
 ) -> CompressionSummary:
-    """Compress ``model`` in place: its target layers become :class:`~rankcut.layers.LowRankLinear`.
+    """Compress ``model`` in place: its target layers become decomposed modules (``LowRankLinear``…).
 
     Args:
         model: a Hugging Face transformer (decoder or encoder).
@@ -136,10 +60,11 @@ def compress_(
         device: where each block is processed (default: CUDA when available). The model's weights stay
             where they are between blocks, so a model larger than the GPU can be compressed.
         progress: show progress bars.
+        context: inputs a policy needs beyond the config (e.g. measured sensitivities).
 
     Returns:
-        The per-target and overall summary (also logged). The model carries a record of what was done
-        (``model.rankcut_record``) for :func:`rankcut.save`.
+        The per-target and overall summary (also logged). The model carries a
+        :class:`~rankcut.record.Record` of what was done (``model.rankcut_record``) for :func:`rankcut.save`.
 
     Raises:
         ValueError: bad configuration, no targets, non-finite weights (naming the layer), missing or
@@ -147,40 +72,45 @@ def compress_(
             first swap (every input check happens before).
     """
     config = config or CompressConfig()
-    timer = _Timer()
+    timer = Timer()
     start = time.perf_counter()
     targets = find_targets(model, config.include, config.exclude)
     check_finite_weights(model)
     order = list(targets)
     device = resolve_device(device, model)
-    work = _Compressor(model, config, device, timer)
+    policy = make_policy(config, policy_context(model, config, context))
+    if policy.is_global and config.sequential:
+        raise ValueError(f"allocation {config.allocation!r} plans all targets at once; sequential calibration "
+                         "needs each block swapped before the next is calibrated")
+    work = Compression(model, config, policy, targets, device, timer, progress)
     params_before = count_params(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     windows = None
-    if work.spec.stat is not None:
-        if calib is None:
-            raise ValueError(f"method {config.method!r} needs calibration data (calib=...)")
+    check_inputs(config, calib)
+    if work.stat is not None:
         with timer("calibration text"):
             seq_len = config.seq_len or default_seq_len(model)
             windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if windows is None:
-                for name in tqdm(order, desc="decompose", disable=not progress):
-                    work.decompose(name, targets.pop(name), None)  # pop: the dense layer can be freed
-            elif config.layerwise:
-                _run_layerwise(model, targets, windows, work, progress)
-            else:
-                _run_full(model, targets, windows, work, progress)
-    finally:
-        model.train(was_training)
+    run_blocks(model, targets, windows, work, device=device, batch_size=config.batch_size, layerwise=config.layerwise,
+               sequential=config.sequential, progress=progress, timer=timer)
     return _finish(model, config, work, order, params_before, start, 0 if windows is None else windows.numel(), calib)
 
 
-def _finish(model, config, work: _Compressor, order, params_before: int, start: float, calib_tokens: int, calib) -> CompressionSummary:
+def policy_context(model: nn.Module, config: CompressConfig, context: dict | None) -> dict:
+    """What a policy may read beyond its config: the caller's ``context`` (measurements) and, for a speedup
+    budget, the predicted fixed seconds per token of the decode step (:func:`rankcut.cost.fixed_decode_seconds`)."""
+    out = dict(context or {})
+    if config.speedup is not None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        found = find_blocks(model)
+        out.setdefault("fixed_decode_seconds", fixed_decode_seconds(
+            None if head is None else tuple(head.weight.shape), len(found[1]) if found else 0))
+    return out
+
+
+def _finish(model, config, work: Compression, order, params_before: int, start: float, calib_tokens: int,
+            calib) -> CompressionSummary:
     """Build the summary, attach the record and log the table (shared by compress_ and compress_with_stats_)."""
     work.timer.times["total"] = time.perf_counter() - start
     device = work.device
@@ -193,26 +123,37 @@ def _finish(model, config, work: _Compressor, order, params_before: int, start: 
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         calib_tokens=calib_tokens,
     )
-    _attach_record(model, config, summary, calib)
+    attach_record(model, config, summary, calib)
     log.info("\n%s", summary.table())
-    from rankcut.bench.cost import speedup_warning  # roofline model of batch-1 decode (BENCHMARKS.md)
-
-    warning = speedup_warning([(r.name, r.shape[0], r.shape[1], r.rank) for r in summary.rows])
-    if warning:
-        log.warning(warning)
+    speedup_warning_once([(r.name, r.shape[0], r.shape[1], r.rank) for r in summary.rows], device)
     return summary
 
 
-class _StatRecorder:
-    """Stands in for a :class:`_Compressor` in the runners: records each target's statistic, swaps nothing."""
+def attach_record(model: nn.Module, config: CompressConfig, summary: CompressionSummary, calib) -> Record:
+    """The model's :class:`Record` after this compression (an earlier one is extended, not replaced)."""
+    from rankcut.modules import rankcut_modules, record_entry
 
-    def __init__(self, kind: str, config: CompressConfig, device: torch.device) -> None:
-        self.spec = type("Spec", (), {"stat": kind})()
-        self.config, self.device, self.timer = config, device, _Timer()
-        self.stats: dict[str, torch.Tensor] = {}
-
-    def decompose(self, name: str, module: nn.Module, stat: torch.Tensor) -> None:
-        self.stats[name] = stat.detach().cpu()
+    previous = get_record(model)
+    dense = dict(previous.dense) if previous else {}
+    dense.update({r.name: r.note for r in summary.rows if r.rank is None})
+    for name in rankcut_modules(model):
+        dense.pop(name, None)
+    record = Record(
+        config=config.to_dict(),
+        targets={name: record_entry(module) for name, module in rankcut_modules(model).items()},
+        dense=dense,
+        source_model=getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
+        calibration=None if calib is None else {"source": source_name(calib), "tokens": summary.calib_tokens},
+        keep_targets=summary.keep_targets,
+        keep_model=summary.keep_model,
+        summary=summary.to_dict(),
+    )
+    if previous:
+        record.history = [*previous.history, {"config": previous.config, "calibration": previous.calibration}]
+        record.recovery_history = [*previous.recovery_history, *([previous.recovery] if previous.recovery else [])]
+        record.source_model = previous.source_model or record.source_model
+    set_record(model, record)
+    return record
 
 
 def dense_stats(
@@ -225,7 +166,7 @@ def dense_stats(
 ) -> dict[str, torch.Tensor]:
     """Per-target calibration statistic ``kind`` (``gram`` or ``absmean``) of the *dense* model.
 
-    Runs the same block-by-block (or, with ``config.layerwise=False``, whole-model) pass as
+    Runs the same block-by-block (or, with ``config.layerwise=False``, whole-model) statistics phase as
     :func:`compress_` (non-sequential), without changing the model, so one set of statistics can serve
     several :func:`compress_with_stats_` calls with the same calibration data.
     """
@@ -233,16 +174,10 @@ def dense_stats(
     if config.sequential:
         raise ValueError("dense statistics cannot be shared with sequential calibration")
     targets = find_targets(model, config.include, config.exclude)
-    device = resolve_device(device, model)
-    work = _StatRecorder(kind, config, device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            (_run_layerwise if config.layerwise else _run_full)(model, dict(targets), windows, work, progress)
-    finally:
-        model.train(was_training)
-    return work.stats
+    recorder = StatRecorder(kind)
+    run_blocks(model, dict(targets), windows, recorder, device=resolve_device(device, model),
+               batch_size=config.batch_size, layerwise=config.layerwise, progress=progress)
+    return recorder.stats
 
 
 def compress_with_stats_(
@@ -253,6 +188,7 @@ def compress_with_stats_(
     progress: bool = True,
     calib=None,
     calib_tokens: int = 0,
+    context: dict | None = None,
 ) -> CompressionSummary:
     """Like :func:`compress_`, but with precomputed per-target statistics (see :func:`dense_stats`).
 
@@ -264,98 +200,18 @@ def compress_with_stats_(
     check_finite_weights(model)
     order = list(targets)
     device = resolve_device(device, model)
-    work = _Compressor(model, config, device, _Timer())
-    if work.spec.stat is not None:
+    work = Compression(model, config, make_policy(config, policy_context(model, config, context)), targets, device,
+                       Timer(), progress)
+    if work.stat is not None:
         missing = [name for name in order if not stats or name not in stats]
         if missing:
             raise ValueError(f"method {config.method!r} needs statistics; none given for {missing[:3]}")
     params_before = count_params(model)
-    with torch.no_grad():
-        for name in tqdm(order, desc="decompose", disable=not progress):
-            stat = None if work.spec.stat is None else stats[name]
-            work.decompose(name, targets.pop(name), stat)
-    return _finish(model, config, work, order, params_before, start, calib_tokens, calib)
-
-
-def _attach_record(model: nn.Module, config: CompressConfig, summary: CompressionSummary, calib) -> None:
-    previous = getattr(model, RECORD_ATTR, None) or {}
-    ranks = dict(previous.get("ranks", {}))
-    ranks.update({r.name: r.rank for r in summary.rows if r.rank is not None})
-    dense = dict(previous.get("dense", {}))
-    dense.update({r.name: r.note for r in summary.rows if r.rank is None})
-    record = {
-        "rankcut_version": __version__,
-        "config": config.to_dict(),
-        "ranks": ranks,
-        "dense": dense,
-        "source_model": getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
-        "calibration": None if calib is None else {"source": source_name(calib), "tokens": summary.calib_tokens},
-        "keep_targets": summary.keep_targets,
-        "keep_model": summary.keep_model,
-        "summary": summary.to_dict(),
-    }
-    if previous:
-        record["history"] = [*previous.get("history", []), {k: previous[k] for k in ("config", "calibration")}]
-    setattr(model, RECORD_ATTR, record)
-
-
-def _run_full(model: nn.Module, targets: dict, windows: torch.Tensor, work: _Compressor, progress: bool) -> None:
-    """All targets hooked at once over whole-model forward passes (memory: the whole model on ``device``)."""
-    first = next(model.parameters()).device
-    model.to(work.device)
-    with work.timer("statistics"), StatsCollector(targets, work.spec.stat) as stats:
-        for ids in tqdm(list(batches(windows, work.config.batch_size)), desc="calibrate", disable=not progress):
-            model(**model_inputs(model, ids.to(work.device)))
-    for name in tqdm(list(targets), desc="decompose", disable=not progress):
-        work.decompose(name, targets.pop(name), stats.stat(name))
-    model.to(first)
-
-
-def _run_layerwise(model: nn.Module, targets: dict, windows: torch.Tensor, work: _Compressor, progress: bool) -> None:
-    """One block at a time on ``device``; its inputs are the previous block's outputs (dense or compressed)."""
-    found = find_blocks(model)
-    if found is None:
-        raise ValueError("layerwise processing needs a stack of transformer blocks; use layerwise=False")
-    prefix, blocks = found
-    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
-    outside = []
-    for name in targets:
-        head, _, rest = name.partition(prefix + ".")
-        index = rest.split(".", 1)[0] if not head and rest else ""
-        if index.isdigit():
-            per_block[int(index)][name] = targets[name]
-        else:
-            outside.append(name)
-    if outside:
-        raise ValueError(f"targets outside the transformer blocks {outside[:3]} need layerwise=False")
-    home = model.get_input_embeddings().weight.device
-    move_outside(model, prefix, work.device)
+    was_training = model.training
+    model.eval()
     try:
-        with work.timer("capture"):
-            calls = capture_block_inputs(model, blocks[0], windows, work.config.batch_size, work.device)
-        for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
-            block_home = next(block.parameters()).device
-            block.to(work.device)
-            chosen = per_block[index]
-            rerun = work.config.sequential and bool(chosen)
-            with work.timer("statistics"), StatsCollector(chosen, work.spec.stat) as stats:
-                for i, (args, kwargs) in enumerate(calls):
-                    out = block_output(block(*args, **kwargs))
-                    if not rerun:  # the dense output is the next block's input: replace in place, so
-                        calls[i] = with_hidden(args, kwargs, out)  # inputs and outputs never coexist
-                del out
-            for name in list(chosen):
-                work.decompose(name, chosen[name], stats.stat(name))
-            del stats
-            if rerun:
-                with work.timer("propagation"):
-                    for i, (args, kwargs) in enumerate(calls):
-                        calls[i] = with_hidden(args, kwargs, block_output(block(*args, **kwargs)))
-            block.to(block_home)
-            # Drop the last references to the swapped-out dense layers so their memory (on the device, where
-            # the block was processed) is freed now, not when compress_ returns.
-            for name in chosen:
-                targets.pop(name, None)
-            per_block[index] = chosen = {}
+        with torch.no_grad():
+            GivenStats(work, stats).run(targets)
     finally:
-        move_outside(model, prefix, home)
+        model.train(was_training)
+    return _finish(model, config, work, order, params_before, start, calib_tokens, calib)

@@ -8,17 +8,16 @@ checkpoint always says how it was made. Runtime choices that do not change the r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
-SOLVERS = ("exact", "randomized")
 SAMPLINGS = ("random", "first")
-SVD_DTYPES = ("float32", "float64")
 _ALLOCATION_KEYS = ("keep", "energy", "rank")
 
 
@@ -80,31 +79,34 @@ def pattern_matches(pattern: str, name: str) -> bool:
 class CompressConfig:
     """How to compress a model.
 
-    Allocation: give exactly one of ``keep`` (fraction of the targets' parameters kept, uniform over
-    targets), ``energy`` (per target, the smallest rank whose singular values hold this fraction of the
-    squared spectrum of the matrix the method factorises) or ``rank`` (the same rank everywhere). With
-    none of them, ``keep=0.8``. A target whose rank would reach its break-even rank ``mn/(m+n)`` stays dense.
+    Allocation: ``allocation`` names the policy that chooses each target's rank (``rankcut.policies``):
+    ``uniform`` (``keep``: each target keeps that fraction of its parameters), ``energy`` (``energy``: per
+    target, the smallest rank whose singular values hold this fraction of the squared spectrum of the matrix
+    the method factorises) or ``rank`` (``rank``: the same rank everywhere). Left None, it follows from the
+    parameter given (``energy`` -> energy, ``rank`` -> rank, else uniform with ``keep=0.8``). A target whose
+    rank would reach its break-even rank ``mn/(m+n)`` stays dense.
 
     Attributes:
         method: registered method name (``svd``, ``asvd``, ``whiten``; see ``rankcut.methods``).
+        options: the method's own settings: a dict, or the method's config dataclass (``WhitenConfig(...)``);
+            validated into that dataclass, an option the method does not have is an error.
+        allocation: registered allocation policy name (None: inferred, see above).
         keep: kept fraction of the targets' parameters, in (0, 1].
         energy: spectral energy threshold in (0, 1].
         rank: fixed rank >= 1.
+        speedup: for a budgeted global policy (``spectrum``, ``sensitivity``): the budget as a predicted batch-1
+            decode speedup (> 1) of the whole model from the roofline cost model (:mod:`rankcut.cost`),
+            instead of ``keep``.
+        policy_options: the policy's own settings (validated by the policy's config dataclass, if it has one).
         overrides: ordered mapping from a module-name pattern (exact name or ``re:REGEX``) to an allocation
-            mapping, e.g. ``{"re:mlp\\.down_proj": {"keep": 0.9}, "model.layers.0.self_attn.q_proj":
-            {"dense": True}}``. The first matching pattern wins.
+            rule, e.g. ``{"re:mlp\\.down_proj": {"keep": 0.9}, "model.layers.0.self_attn.q_proj":
+            {"dense": True}}``. The first matching pattern wins; the policy allocates the other targets.
         include: module-name patterns selecting targets among all linear layers (default: every linear
             layer inside the transformer blocks).
         exclude: module-name patterns removed from the targets.
-        solver: ``exact`` or ``randomized`` SVD.
-        oversample, power_iters: randomized-SVD settings (Halko, Martinsson & Tropp 2011).
-        alpha: ASVD activation exponent.
-        damping: relative diagonal damping tried first when the calibration Gram matrix is not positive
-            definite (grows tenfold per retry).
-        svd_dtype: precision of the SVD itself (Gram matrices and Cholesky are always float64).
         calib_samples, seq_len, seed, sampling: calibration windows (``seq_len`` None = min(2048, model max);
             ``sampling`` ``random`` draws distinct non-overlapping windows with ``seed``, ``first`` takes the
-            first ones in order).
+            first ones in order). ``seed`` also seeds randomized solvers.
         batch_size: calibration windows per forward pass.
         layerwise: process one transformer block at a time (memory bounded by one block plus its
             calibration activations); False runs the whole model with hooks.
@@ -113,18 +115,16 @@ class CompressConfig:
     """
 
     method: str = "whiten"
+    options: Any = None
+    allocation: str | None = None
     keep: float | None = None
     energy: float | None = None
     rank: int | None = None
+    speedup: float | None = None
+    policy_options: dict = field(default_factory=dict)
     overrides: dict[str, dict] = field(default_factory=dict)
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    solver: str = "exact"
-    oversample: int = 16
-    power_iters: int = 2
-    alpha: float = 0.5
-    damping: float = 1e-6
-    svd_dtype: str = "float32"
     calib_samples: int = 128
     seq_len: int | None = None
     seed: int = 0
@@ -135,39 +135,41 @@ class CompressConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        from rankcut.methods import get_method  # late import: methods import nothing from config
+        from rankcut.methods import get_method  # late imports: methods and policies import config
+        from rankcut.policies import get_policy
 
-        get_method(self.method)
-        if self.keep is None and self.energy is None and self.rank is None:
-            self.keep = 0.8
+        spec = get_method(self.method)
+        self.options = spec.make_config(self.options)
         check_allocation("config", {"keep": self.keep, "energy": self.energy, "rank": self.rank})
+        if self.speedup is not None:
+            ok = isinstance(self.speedup, (int, float)) and not isinstance(self.speedup, bool)
+            if not (ok and math.isfinite(self.speedup) and self.speedup > 1):
+                raise ValueError(f"speedup must be a number > 1, got {self.speedup!r}")
+            given = [k for k in _ALLOCATION_KEYS if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"config: give only one budget: speedup or {given[0]}")
+        if self.allocation is None:
+            self.allocation = "energy" if self.energy is not None else "rank" if self.rank is not None else "uniform"
+        policy = get_policy(self.allocation)
+        policy.check_config(self)  # may fill in its default parameter (uniform: keep 0.8)
+        self.policy_options = policy.make_options(self.policy_options)
         self.overrides = dict(self.overrides)
-        for pattern, spec in self.overrides.items():
+        for pattern, spec_ in self.overrides.items():
             check_pattern(pattern)
-            if not isinstance(spec, dict) or not spec:
-                raise ValueError(f"override {pattern!r} must map to a non-empty dict, got {spec!r}")
-            check_allocation(f"override {pattern!r}", spec)
+            if not isinstance(spec_, dict) or not spec_:
+                raise ValueError(f"override {pattern!r} must map to a non-empty dict, got {spec_!r}")
+            check_allocation(f"override {pattern!r}", spec_)
         self.include, self.exclude = list(self.include), list(self.exclude)
         for pattern in [*self.include, *self.exclude]:
             check_pattern(pattern)
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}")
-        if self.svd_dtype not in SVD_DTYPES:
-            raise ValueError(f"svd_dtype must be one of {', '.join(SVD_DTYPES)}, got {self.svd_dtype!r}")
-        for name in ("oversample", "power_iters"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("calib_samples", "batch_size"):
             _check_rank(name, getattr(self, name))
         if self.seq_len is not None:
             _check_rank("seq_len", self.seq_len)
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
-        if not (isinstance(self.damping, (int, float)) and self.damping > 0):
-            raise ValueError(f"damping must be > 0, got {self.damping!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.sequential and not self.layerwise:
             raise ValueError("sequential calibration needs layerwise processing")
         if self.version > CONFIG_VERSION:
@@ -175,31 +177,56 @@ class CompressConfig:
                 f"config version {self.version} is newer than this rankcut understands ({CONFIG_VERSION}); "
                 "upgrade rankcut"
             )
+        self.version = CONFIG_VERSION
 
     @property
-    def allocation(self) -> dict:
-        """The global allocation as a one-key mapping, e.g. ``{"keep": 0.8}``."""
-        for key in _ALLOCATION_KEYS:
+    def rule(self) -> dict:
+        """The global allocation parameter as a one-key mapping, e.g. ``{"keep": 0.8}`` (empty for a policy that
+        takes none)."""
+        for key in (*_ALLOCATION_KEYS, "speedup"):
             if getattr(self, key) is not None:
                 return {key: getattr(self, key)}
-        raise AssertionError("unreachable: __post_init__ sets a default")
+        return {}
 
     @property
-    def method_options(self) -> dict:
-        """The options every method function is offered (each takes the ones it accepts)."""
-        return {"alpha": self.alpha, "damping": self.damping}
+    def method_spec(self):
+        from rankcut.methods import get_method
+
+        return get_method(self.method)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["options"] = self.options.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> CompressConfig:
-        """Rebuild a config saved by :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
+        """Rebuild a config saved by :meth:`to_dict` (version 1 records are migrated); unknown keys are an
+        error, missing ones take defaults."""
+        data = dict(data)
+        if data.get("version", 1) < 2:
+            data = _migrate_v1(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown CompressConfig field(s): {sorted(unknown)}")
         return cls(**data)
+
+
+#: Version-1 fields that became method options in version 2 (each kept only by methods that have it).
+_V1_OPTIONS = ("solver", "oversample", "power_iters", "svd_dtype", "alpha", "damping")
+
+
+def _migrate_v1(data: dict) -> dict:
+    """A version-1 config dict (every method option at the top level) in version-2 form."""
+    from rankcut.methods import get_method
+
+    method = data.get("method", "whiten")
+    accepted = get_method(method).option_names()
+    options = {k: data.pop(k) for k in _V1_OPTIONS if k in data}
+    data["options"] = {k: v for k, v in options.items() if k in accepted}
+    data["version"] = CONFIG_VERSION
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- recovery

@@ -65,6 +65,33 @@ def _dataset_text(name: str, split: str) -> str:
     return "\n\n".join(rows[column])
 
 
+def check_source(source, what: str = "text source") -> None:
+    """Raise ValueError unless ``source`` (a path or name) is an existing file or a known dataset name.
+
+    ``what`` names the source in the message (``--calib`` in the CLI, ``calibration text`` in the API).
+    """
+    if source is None or not isinstance(source, (str, os.PathLike)):
+        return
+    if not os.path.exists(os.path.expanduser(str(source))) and str(source) not in DATASETS:
+        raise ValueError(f"{what} {source}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+
+
+def read_file_text(path: str | os.PathLike) -> str:
+    """A text file's contents exactly as stored (``\r\n`` kept), decoded as UTF-8.
+
+    Raises:
+        ValueError: the file is not text (NUL bytes, as in a ``.safetensors`` or other binary file) or not UTF-8.
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    if b"\x00" in raw:
+        raise ValueError(f"{path} is not a text file (it holds NUL bytes: a binary file, e.g. model weights?)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {err.start}); give a plain-text file") from None
+
+
 def read_text(source: str | os.PathLike, split: str = "test") -> str:
     """The text of a file path or a known dataset name (``split`` applies to datasets only).
 
@@ -73,8 +100,7 @@ def read_text(source: str | os.PathLike, split: str = "test") -> str:
     """
     text_source = str(source)
     if os.path.isfile(text_source):
-        with open(text_source, encoding="utf-8", errors="replace", newline="") as handle:  # as is: keep \r\n
-            text = handle.read()
+        text = read_file_text(text_source)
     elif text_source in DATASETS:
         text = _dataset_text(text_source, split)
     else:

@@ -8,6 +8,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: SVD solvers :func:`svd_top` dispatches to.
+SOLVERS = ("exact", "randomized")
+
 
 def break_even_rank(m: int, n: int) -> float:
     """``mn/(m+n)``: at or above this rank the two factors hold at least as many parameters as W."""

@@ -38,7 +38,7 @@ def _by_type(report: AnalysisReport) -> dict[str, list[tuple[str, dict]]]:
 
 
 def _label(kind: str) -> str:
-    return "weight W" if kind == "weight" else "whitened W·L"
+    return {"weight": "weight W", "whiten": "whitened W·L", "asvd": "scaled W·diag(s) (asvd)"}.get(kind, f"{kind} matrix")
 
 
 def _grid(plt, count: int, width: float = 3.4, height: float = 3.0):
@@ -52,7 +52,7 @@ def _grid(plt, count: int, width: float = 3.4, height: float = 3.0):
     return fig, flat[:count]
 
 
-STYLES = {"weight": "-", "whiten": "--"}
+STYLES = {"weight": "-"}  # every method's matrix: dashed
 
 
 def _finish(fig, path: Path, title: str, fontsize: int) -> Path:
@@ -90,7 +90,7 @@ def plot_spectra(report: AnalysisReport, path: Path) -> Path:
     for ax, members, name, t, kind, s, colour in _curves(plt, report, axes):
         s = s / s[0] if s.numel() and s[0] > 0 else s
         label = (f"layer {t['layer']}" if t["layer"] is not None else name) if kind == "weight" else None
-        ax.semilogy(range(1, s.numel() + 1), s.clamp_min(1e-12).tolist(), STYLES[kind], color=colour, lw=1, label=label)
+        ax.semilogy(range(1, s.numel() + 1), s.clamp_min(1e-12).tolist(), STYLES.get(kind, "--"), color=colour, lw=1, label=label)
     for ax, (ttype, members) in zip(axes, groups.items()):
         ax.axvline(members[0][1]["break_even"], color="red", ls="--", lw=0.8)
         ax.set_xlabel("index i", fontsize=8)
@@ -98,7 +98,7 @@ def plot_spectra(report: AnalysisReport, path: Path) -> Path:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=6, loc="lower left")
-    note = "solid: W, dashed: W·L; " if "whiten" in report.kinds else ""
+    note = f"solid: W, dashed: {_label(report.kinds[-1])}; " if len(report.kinds) > 1 else ""
     return _finish(fig, path, f"Normalised singular values ({note}colour: layer; red: break-even rank)", 10)
 
 
@@ -144,7 +144,7 @@ def plot_cumulative_energy(report: AnalysisReport, path: Path) -> Path:
     for ax, members, name, t, kind, s, colour in _curves(plt, report, axes):
         s2 = s**2
         cum = (s2.cumsum(0) / s2.sum()).tolist() if s2.sum() > 0 else [1.0] * s2.numel()
-        ax.plot([(i + 1) / t["break_even"] for i in range(len(cum))], cum, STYLES[kind], color=colour, lw=1)
+        ax.plot([(i + 1) / t["break_even"] for i in range(len(cum))], cum, STYLES.get(kind, "--"), color=colour, lw=1)
     for ax, (ttype, members) in zip(axes, groups.items()):
         for th in report.thresholds:
             ax.axhline(th, color="grey", lw=0.5, ls=":")
@@ -155,7 +155,7 @@ def plot_cumulative_energy(report: AnalysisReport, path: Path) -> Path:
         ax.set_ylabel("Σσ²(≤r) / Σσ²", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    note = "solid: W, dashed: W·L; " if "whiten" in report.kinds else ""
+    note = f"solid: W, dashed: {_label(report.kinds[-1])}; " if len(report.kinds) > 1 else ""
     return _finish(fig, path, f"Cumulative energy ({note}colour: layer; red: break-even; dotted: thresholds)", 9)
 
 

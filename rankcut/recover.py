@@ -18,18 +18,19 @@ import torch
 from torch import nn
 
 from rankcut.adapters import ResidualAdapter, apply_state, attach, initial_state, merge, residual_factors
-from rankcut.compress import RECORD_ATTR, count_params, default_seq_len, dense_stats, resolve_device
+from rankcut.compress import dense_stats
 from rankcut.config import CompressConfig, RecoverConfig
-from rankcut.data import calibration_windows, source_name, token_stream
+from rankcut.data import calibration_windows, check_source, source_name, token_stream
 from rankcut.evaluate.perplexity import perplexity
 from rankcut.io import sha256_file
-from rankcut.layers import dense_weight, low_rank_modules
-from rankcut.methods import get_method
+from rankcut.modules import dense_weight, low_rank_modules
+from rankcut.record import get_record, set_record
 from rankcut.train import WorkDir, fit, resolve_precision, tuning_windows
+from rankcut.utils import count_params, default_seq_len, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RecoverConfig", "RecoveryResult", "check_held_out", "recover_", "residual_init"]
+__all__ = ["RecoverConfig", "RecoveryResult", "check_held_out", "check_recover", "recover_", "residual_init"]
 
 
 def check_held_out(data: list, eval_text) -> None:
@@ -44,6 +45,33 @@ def check_held_out(data: list, eval_text) -> None:
             if os.path.samefile(source, eval_text) or sha256_file(source) == sha256_file(eval_text):
                 raise ValueError(f"evaluation text {eval_text} is also tuning data ({source}): recovery must be "
                                  "measured on held-out text the model was not tuned on")
+
+
+def check_recover(config: RecoverConfig, data: list, eval_text=None, dense_given: bool = False, calib=None) -> None:
+    """Every check of a recovery's inputs that needs no model: run before loading anything (the CLI does) and
+    again by :func:`recover_`.
+
+    Raises:
+        ValueError: a missing text source, evaluation on tuning data, PEFT missing for mode ``factors``, or a
+            dense model needed (grow + residual, distillation) but not given.
+    """
+    import importlib.util
+
+    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not sources:
+        raise ValueError("recovery needs tuning data")
+    for what, source in [("tuning data", d) for d in sources] + [("evaluation text", eval_text), ("calibration text", calib)]:
+        if isinstance(source, (str, os.PathLike)):
+            check_source(source, what)
+    check_held_out(sources, eval_text)
+    if config.mode == "factors" and importlib.util.find_spec("peft") is None:
+        raise ValueError("mode factors needs PEFT: pip install 'rankcut[recover]' (or use mode grow)")
+    if config.distill > 0 and not dense_given:
+        raise ValueError("distillation (distill > 0) needs the dense model as teacher (dense=...): the dense model "
+                         "is the teacher")
+    if config.mode == "grow" and config.init == "residual" and not dense_given:
+        raise ValueError("residual init of mode grow needs the dense model (dense=...): the next singular directions "
+                         "of the residual W - UV need the dense W, which the checkpoint no longer holds")
 
 
 def model_digest(model: nn.Module) -> str:
@@ -62,9 +90,9 @@ def residual_init(model: nn.Module, names: list[str], dense: nn.Module, tokenize
     The statistic is recomputed on ``dense`` from ``calib`` with the calibration settings recorded in the
     model's rankcut record (same windows as at compression when ``calib`` is the same text).
     """
-    record = getattr(model, RECORD_ATTR)
-    config = CompressConfig.from_dict(record["config"])
-    spec = get_method(config.method)
+    record = get_record(model)
+    config = CompressConfig.from_dict(record.config)
+    spec = config.method_spec
     info: dict = {"dense_model": getattr(dense, "name_or_path", None) or "given", "method": config.method}
     stats: dict = {}
     if spec.stat is not None:
@@ -76,7 +104,7 @@ def residual_init(model: nn.Module, names: list[str], dense: nn.Module, tokenize
         seq_len = config.seq_len or default_seq_len(dense)
         windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
         stats = dense_stats(dense, spec.stat, windows, config, device, progress)
-        compressed_on = (record.get("calibration") or {}).get("source")
+        compressed_on = (record.calibration or {}).get("source")
         info["statistics"] = {"source": source_name(calib), "windows": int(windows.shape[0]), "seq_len": seq_len,
                               "seed": config.seed, "sampling": config.sampling,
                               "same_source_as_compression": compressed_on == source_name(calib)}
@@ -91,8 +119,7 @@ def residual_init(model: nn.Module, names: list[str], dense: nn.Module, tokenize
         if tuple(W.shape) != (layer.out_features, layer.in_features):
             raise ValueError(f"{name}: dense weight {tuple(W.shape)} does not match the compressed layer")
         B, A, _ = residual_factors(W, layer.U.weight.to(device), layer.V.weight.to(device), lora_rank, config.method,
-                                   stats.get(name), config.method_options,
-                                   getattr(torch, config.svd_dtype))
+                                   stats.get(name), config.options)
         out[name] = (B.float(), A.float())
     return out, info
 
@@ -167,23 +194,16 @@ def recover_(
         ValueError: bad inputs (see messages), all raised before anything is written.
     """
     config = config or RecoverConfig()
-    record = getattr(model, RECORD_ATTR, None)
+    record = get_record(model)
     if record is None or not low_rank_modules(model):
         raise ValueError("model holds no rankcut low-rank layers: compress it (or load a rankcut checkpoint) first")
     if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise ValueError(f"recovery trains with the next-token loss: {type(model).__name__} is not a causal LM")
     sources = list(data) if isinstance(data, (list, tuple)) else [data]
-    if not sources:
-        raise ValueError("recovery needs tuning data")
-    check_held_out(sources, eval_text)
+    check_recover(config, sources, eval_text, dense is not None, calib)
     device = resolve_device(device, model)
     resolve_precision(config.precision, device)
     residual_grow = config.mode == "grow" and config.init == "residual"
-    if config.distill > 0 and dense is None:
-        raise ValueError("distillation (distill > 0, --distill) needs the dense model as teacher (dense=..., --dense MODEL)")
-    if residual_grow and dense is None:
-        raise ValueError("residual init of mode grow needs the dense model (dense=..., --dense MODEL): the "
-                         f"checkpoint no longer holds W (it was compressed from {record.get('source_model')})")
     windows, data_info = tuning_windows(sources, tokenizer, config.seq_len)
     if windows.shape[0] < config.batch_size:
         raise ValueError(f"tuning text makes {windows.shape[0]} window(s) of {config.seq_len} tokens, fewer than "
@@ -246,11 +266,14 @@ def recover_(
     if eval_ids is not None:
         block["eval"] = {"source": source_name(eval_text), "windows": min(config.eval_windows, eval_ids.numel() // config.seq_len),
                          "seq_len": config.seq_len, "compressed": compressed_ppl, "after": after, "history": log_.evals}
-    previous = record.get("recovery")
-    record = {**record, "recovery": block, "keep_targets": block["keep_targets_after"], "keep_model": block["keep_model_after"]}
-    if previous:
-        record["recovery_history"] = [*record.get("recovery_history", []), previous]
-    setattr(model, RECORD_ATTR, record)
+    from rankcut.modules import rankcut_modules, record_entry
+
+    if record.recovery:
+        record.recovery_history = [*record.recovery_history, record.recovery]
+    record.recovery = block
+    record.keep_targets, record.keep_model = block["keep_targets_after"], block["keep_model_after"]
+    record.targets = {name: record_entry(module) for name, module in rankcut_modules(model).items()}
+    set_record(model, record)
     return RecoveryResult(block)
 
 
@@ -265,10 +288,10 @@ INIT_DETAIL = {
 
 def _record(model, record, config, data_info, n_windows, log_, skipped, params_before, n_trainable) -> dict:
     """The ``recovery`` block of the rankcut record."""
-    summary = record.get("summary") or {}
+    summary = record.summary or {}
     params_after = count_params(model)
     targets = summary.get("target_params_before") or 1
-    keep_before = record.get("keep_targets", float("nan"))
+    keep_before = record.keep_targets if record.keep_targets is not None else float("nan")
     per_step = config.batch_size * config.grad_accum
     tail = log_.losses[-10:]
     return {

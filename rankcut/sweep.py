@@ -16,11 +16,12 @@ from pathlib import Path
 
 from torch import nn
 
-from rankcut.compress import compress_with_stats_, default_seq_len, dense_stats
+from rankcut.compress import compress_with_stats_, dense_stats
 from rankcut.config import CompressConfig
 from rankcut.data import calibration_windows, source_name
 from rankcut.evaluate import evaluate
 from rankcut.methods import get_method
+from rankcut.utils import default_seq_len
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,34 @@ def check_grid(methods, keeps) -> tuple[list[str], list[float]]:
     return methods, keeps
 
 
+def point_options(method: str, options: dict) -> dict:
+    """The shared method options that ``method`` has (each option applies to the methods that take it)."""
+    names = get_method(method).option_names()
+    return {k: v for k, v in options.items() if k in names}
+
+
+def check_options(methods: list[str], options: dict) -> None:
+    """Raise ValueError for an option that no method of the grid takes (it would silently do nothing)."""
+    taken = set().union(*(get_method(m).option_names() for m in methods))
+    unused = sorted(set(options) - taken)
+    if unused:
+        raise ValueError(f"option(s) {', '.join(unused)} apply to none of the methods {', '.join(methods)}")
+
+
+def _differences(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs (nested keys joined by dots)."""
+    if old is None:
+        return []
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def sweep(
     model: nn.Module,
     tokenizer,
@@ -68,15 +97,22 @@ def sweep(
     progress: bool = True,
     info: dict | None = None,
     base: CompressConfig | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Run the sweep into ``output``; return the contents of ``results.json``.
 
-    ``base`` carries every compression setting the grid does not vary (targets, overrides, solver, α,
-    sampling…); each point is ``base`` with its method and keep. ``info`` (command line, environment) is
+    ``base`` carries every compression setting the grid does not vary (targets, overrides, sampling…); each
+    point is ``base`` with its method and keep. ``options`` are method options shared by the grid (solver,
+    α, damping…): each point's method takes the ones it has; one that no method takes is an error.
+    ``info`` (command line, environment) is
     stored as-is in ``results.json``. A directory holding a sweep with different settings is an error
     unless ``overwrite`` (which discards its points).
     """
     methods, keeps = check_grid(methods, keeps)
+    options = dict(options or {})
+    check_options(methods, options)
+    for method in methods:  # every point's config is valid before any work
+        get_method(method).make_config(point_options(method, options))
     base = base or CompressConfig()
     if base.sequential:
         raise ValueError("a sweep shares the dense model's statistics across points; sequential calibration cannot")
@@ -89,8 +125,9 @@ def sweep(
     seq_len = seq_len or default_seq_len(model)
     eval_seq_len = eval_seq_len or default_seq_len(model)
     template = dataclasses.replace(base, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-                                   batch_size=batch_size, energy=None, rank=None)
-    shared = {k: v for k, v in template.to_dict().items() if k not in ("method", "keep", "energy", "rank")}
+                                   batch_size=batch_size, energy=None, rank=None, allocation="uniform")
+    shared = {k: v for k, v in template.to_dict().items() if k not in ("method", "keep", "energy", "rank", "options")}
+    shared["options"] = options
     settings = {
         "calib": None if calib is None else source_name(calib), "ppl": [source_name(p) for p in ppl],
         "calib_samples": calib_samples, "seq_len": seq_len, "seed": seed, "max_windows": max_windows,
@@ -103,9 +140,10 @@ def sweep(
         previous = json.loads(settings_file.read_text()) if settings_file.exists() else None
         if previous != settings:
             if not overwrite:
-                raise FileExistsError(
-                    f"{output} holds a sweep with different settings (or is not a sweep directory); "
-                    "pass --overwrite to discard it")
+                changed = _differences(previous, settings)
+                what = ("settings differ: " + "; ".join(changed)) if changed else "it is not a sweep directory"
+                raise FileExistsError(f"{output} holds another sweep ({what}); pass overwrite=True "
+                                      "to discard it")
             if previous is None and not points_dir.exists():
                 raise ValueError(f"refusing to overwrite {output}: it is not a rankcut sweep directory")
             for old in points_dir.glob("*.json") if points_dir.exists() else []:
@@ -132,7 +170,8 @@ def sweep(
         for kind in sorted(needed):
             stats[kind] = dense_stats(model, kind, windows, template, device, progress)
     for method, keep in todo:
-        config = dataclasses.replace(template, method=method, keep=keep)
+        config = CompressConfig.from_dict({**template.to_dict(), "method": method, "keep": keep,
+                                           "options": point_options(method, options)})
         work = copy.deepcopy(model)
         kind = get_method(method).stat
         summary = compress_with_stats_(work, config, stats.get(kind), device, progress, calib,

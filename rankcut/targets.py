@@ -7,11 +7,9 @@ from collections.abc import Callable
 from torch import nn
 
 from rankcut.config import pattern_matches
-from rankcut.layers import Conv1D, LowRankLinear, low_rank_modules
-
-
-def is_dense_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or bool(Conv1D) and isinstance(module, Conv1D)
+from rankcut.modules import is_dense_linear, is_rankcut_module, rankcut_modules
+from rankcut.modules.dense import dense_shape
+from rankcut.units import TargetInfo
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -26,7 +24,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(is_dense_linear(m) or isinstance(m, LowRankLinear) for m in module[0].modules()):
+        if len(kinds) != 1 or not any(is_dense_linear(m) or is_rankcut_module(m) for m in module[0].modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[2]:
@@ -55,8 +53,8 @@ def find_targets(
     Raises:
         ValueError: no targets were found, or an included layer shares its weight with another module.
     """
-    factors = tuple(f"{n}." for n in low_rank_modules(model))
-    linears = {  # the U/V factors inside a LowRankLinear are not targets (no re-factorising factors)
+    factors = tuple(f"{n}." for n in rankcut_modules(model))
+    linears = {  # the factors inside a rankcut module are not targets (no re-factorising factors)
         name: mod for name, mod in model.named_modules() if is_dense_linear(mod) and not name.startswith(factors)
     }
     if include:
@@ -87,6 +85,14 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model``; return the module it replaces. The one swap of rankcut."""
+    parent, child = get_submodule_parent(model, name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
 def swap_modules(
     model: nn.Module, build: Callable[[str, nn.Module], nn.Module | None], filter_fn: Callable[[nn.Module, str], bool]
 ) -> list[str]:
@@ -100,7 +106,21 @@ def swap_modules(
         new = build(name, module)
         if new is None:
             continue
-        parent, child = get_submodule_parent(model, name)
-        setattr(parent, child, new)
+        replace_module(model, name, new)
         swapped.append(name)
     return swapped
+
+
+def target_infos(model: nn.Module, targets: dict[str, nn.Module]) -> list[TargetInfo]:
+    """:class:`TargetInfo` of each target, in order: shape, block index and tensor type (``mlp.up_proj``)."""
+    found = find_blocks(model)
+    prefix = found[0] + "." if found else None
+    infos = []
+    for name, module in targets.items():
+        block, kind = None, name
+        if prefix and name.startswith(prefix):
+            index, _, rest = name[len(prefix):].partition(".")
+            if index.isdigit():
+                block, kind = int(index), rest
+        infos.append(TargetInfo(name, dense_shape(module), block, kind))
+    return infos

@@ -10,7 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankcut.allocate import allocation_for, energy_rank, max_useful_rank, uniform_rank
+from rankcut.policies.energy import energy_rank
+from rankcut.policies.overrides import allocation_for
+from rankcut.units import max_useful_rank, uniform_rank
 from rankcut.config import CompressConfig
 from rankcut.factorize import factorize
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.analyze import check_thresholds, kept_params, spectrum_entry, speedup_bound, whitened_matrix
+from rankcut.analyze import check_thresholds, kept_params, spectrum_entry, speedup_bound
+from rankcut.methods.whiten import whiten
 from rankcut.cli import main
 from tiny_models import llama, sample_text, save_tiny, token_windows
 
@@ -85,7 +86,7 @@ def test_activation_aware_spectrum_is_that_of_W_times_L():
     L_true.diagonal().abs_().add_(0.5)  # a valid Cholesky factor: positive diagonal
     gram = L_true @ L_true.T
     expected = torch.linalg.svdvals(W @ L_true)
-    got = torch.linalg.svdvals(whitened_matrix(W, gram))
+    got = torch.linalg.svdvals(whiten(W, gram).A)
     assert torch.allclose(got, expected, rtol=1e-9)
     assert not torch.allclose(got, torch.linalg.svdvals(W), rtol=1e-2)  # whitening changes the spectrum
 
@@ -106,7 +107,7 @@ def test_report_on_tiny_llama_covers_every_target():
     assert set(report.targets) == set(targets) and len(targets) == 14
     assert report.kinds == ["weight", "whiten"]
     for name, t in report.targets.items():
-        W = rankcut.layers.dense_weight(targets[name]).detach().double()
+        W = rankcut.modules.dense_weight(targets[name]).detach().double()
         assert t["shape"] == list(W.shape)
         assert torch.allclose(torch.tensor(t["weight"]["singular_values"], dtype=torch.float64), torch.linalg.svdvals(W), rtol=1e-9)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing modified
@@ -116,6 +117,31 @@ def test_report_on_tiny_llama_covers_every_target():
     assert [r["threshold"] for r in rows] == [0.8, 0.85, 0.9, 0.95, 0.99]
     assert all(0 < r["keep_targets"] <= 1 and r["speedup_bound_targets"] >= 1 for r in rows)
     assert [r["keep_targets"] for r in rows] == sorted(r["keep_targets"] for r in rows)  # more energy, more kept
+
+
+def test_analyze_uses_the_methods_own_matrix_and_the_pipelines_statistics():
+    """Any registered data-aware method reaches analyze: its spectra are those of the method's preconditioned
+    matrix built from the dense statistics the compression pipeline computes (``dense_stats``)."""
+    from rankcut.compress import dense_stats
+    from rankcut.data import calibration_windows
+    from rankcut.methods import get_method
+
+    model = llama()
+    windows = calibration_windows(token_windows(4), None, 4, 16)
+    targets = rankcut.find_targets(model)
+    for method, kind in (("whiten", "gram"), ("asvd", "absmean")):
+        report = rankcut.analyze(model, calib=token_windows(4), calib_samples=4, seq_len=16, method=method,
+                                 progress=False)
+        assert report.kinds == ["weight", method] and report.to_dict()["method"] == method
+        stats = dense_stats(model, kind, windows, progress=False)
+        spec = get_method(method)
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            W = rankcut.modules.dense_weight(targets[name]).detach().double()
+            A = spec.precondition(W, stats[name], spec.make_config(None)).A
+            got = torch.tensor(report.targets[name][method]["singular_values"], dtype=torch.float64)
+            assert torch.equal(got, torch.linalg.svdvals(A))
+    with pytest.raises(ValueError, match="unknown method"):
+        rankcut.analyze(model, method="nope", progress=False)
 
 
 @pytest.fixture(scope="module")

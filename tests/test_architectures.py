@@ -11,7 +11,7 @@ from torch import nn
 import rankcut
 from rankcut import CompressConfig, LowRankLinear, compress_, find_targets
 from rankcut.calibrate import StatsCollector, model_inputs
-from rankcut.layers import dense_shape, dense_weight
+from rankcut.modules import dense_shape, dense_weight
 from rankcut.linalg import break_even_rank
 from tiny_models import ARCHS, forward, token_windows
 
@@ -392,7 +392,7 @@ def test_non_finite_weight_names_layer_and_leaves_model_unchanged(arch, bad):
 def test_bad_config_values_are_rejected():
     for kw, match in [
         ({"keep": 0.0}, "keep"), ({"keep": 1.5}, "keep"), ({"energy": 0.0}, "energy"), ({"energy": 1.01}, "energy"),
-        ({"rank": 0}, "rank"), ({"method": "nope"}, "unknown method"), ({"solver": "qr"}, "unknown solver"),
+        ({"rank": 0}, "rank"), ({"method": "nope"}, "unknown method"), ({"options": {"solver": "qr"}}, "unknown solver"),
         ({"keep": 0.5, "rank": 4}, "only one"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -407,7 +407,7 @@ def test_energy_allocation_and_randomized_solver():
     model = ARCHS["llama"].build()
     make_low_rank(model, rank=3)
     dense = forward(model, TEST_IDS)
-    compress_(model, config("whiten", solver="randomized", oversample=2), calib=CALIB, progress=False)
+    compress_(model, config("whiten", options={"solver": "randomized", "oversample": 2}), calib=CALIB, progress=False)
     assert ((forward(model, TEST_IDS) - dense).norm() / dense.norm()) < 1e-3
 
 
@@ -421,7 +421,7 @@ def test_factors_are_never_targets_again():
     assert all(".mlp." in r.name for r in summary.rows)
     assert not any(isinstance(m, LowRankLinear) for layer in model.modules() if isinstance(layer, LowRankLinear)
                    for m in layer.children())
-    assert len(model.rankcut_record["ranks"]) == 14 and len(model.rankcut_record["history"]) == 1
+    assert len(model.rankcut_record.ranks) == 14 and len(model.rankcut_record.history) == 1
     with pytest.raises(ValueError, match="no target layers found"):
         compress_(model, config("svd"), progress=False)
 
@@ -430,10 +430,11 @@ def test_record_is_attached():
     model = ARCHS["qwen2"].build()
     summary = compress_(model, config("asvd", keep=0.4), calib=CALIB, progress=False)
     record = model.rankcut_record
-    assert record["config"]["method"] == "asvd" and record["config"]["keep"] == 0.4
-    assert record["ranks"] == {r.name: r.rank for r in summary.rows}
-    assert record["keep_targets"] == pytest.approx(summary.keep_targets)
-    assert rankcut.__version__ == record["rankcut_version"]
+    assert record.config["method"] == "asvd" and record.config["keep"] == 0.4 and record.method == "asvd"
+    assert record.ranks == {r.name: r.rank for r in summary.rows}
+    assert all(e["type"] == "lowrank" for e in record.targets.values())
+    assert record.keep_targets == pytest.approx(summary.keep_targets)
+    assert rankcut.__version__ == record.rankcut_version
 
 
 def test_non_finite_non_target_parameter_is_caught_before_any_swap():

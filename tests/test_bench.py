@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.bench import cost
+from rankcut import cost
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.loop import DecodeLoop, time_decode
 from rankcut.bench.models import preset_config, random_lowrank_, random_model, target_bytes, weight_bytes
 from rankcut.cli import main
-from rankcut.layers import LowRankLinear
+from rankcut.modules import LowRankLinear
 from tiny_models import gpt2, llama, mistral, qwen2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,9 +120,10 @@ def test_cost_model():
     assert cost.speedup_warning([("a", 64, 64, None)]) is None  # nothing factorised
 
 
-def test_compress_warns_when_no_speedup(caplog):
+def test_compress_warns_when_no_speedup(caplog, monkeypatch):
     model = llama()
-    with caplog.at_level(logging.WARNING, logger="rankcut.compress"):
+    monkeypatch.setattr(cost, "_warned", [False])  # once per process: an earlier compression may have used it
+    with caplog.at_level(logging.WARNING, logger="rankcut.cost"):
         rankcut.compress_(model, rankcut.CompressConfig(method="svd", keep=0.5), progress=False)
     assert "cannot speed up batch-1 decoding" in caplog.text
 
@@ -135,7 +136,13 @@ def test_cli_bench_cpu_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["model"]["low_rank_targets"] == 14 and data["baseline"]["low_rank_targets"] == 0
     assert data["comparison"]["bound"] == pytest.approx(data["baseline"]["weight_bytes"] / data["model"]["weight_bytes"])
-    assert "fraction of bound" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fraction of bound" in out and "predicted speedup" not in out
+    # no H200 prediction beside a CPU measurement: the column shows "-" and a note says why
+    rows = [line for line in out.splitlines() if line.startswith("random:tiny-llama")]
+    assert len(rows) == 2 and all(line.split()[3 if "(" not in line else 7] == "-" for line in rows), rows
+    assert "pred ms: not shown on cpu: the cost model predicts an NVIDIA H200" in out
+    assert data["model"]["predicted_for"] == cost.H200_BF16.name
 
 
 @pytest.mark.parametrize("argv, message", [

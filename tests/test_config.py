@@ -24,7 +24,8 @@ def test_fraction_outside_unit_interval_rejected(key, value):
 def test_fraction_inside_unit_interval_accepted(key, value):
     cfg = CompressConfig(method="svd", **{key: value})
     assert getattr(cfg, key) == value
-    assert cfg.allocation == {key: value}
+    assert cfg.rule == {key: value}
+    assert cfg.allocation == {"keep": "uniform", "energy": "energy"}[key]
 
 
 @pytest.mark.parametrize("value", [0, -1, -100])
@@ -42,7 +43,7 @@ def test_rank_not_an_integer_rejected(value):
 def test_rank_accepted():
     cfg = CompressConfig(method="svd", rank=7)
     assert cfg.rank == 7 and cfg.keep is None and cfg.energy is None
-    assert cfg.allocation == {"rank": 7}
+    assert cfg.rule == {"rank": 7} and cfg.allocation == "rank"
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_default_allocation_is_keep_0_8():
     cfg = CompressConfig()
     assert cfg.keep == 0.8
     assert cfg.energy is None and cfg.rank is None
-    assert cfg.allocation == {"keep": 0.8}
+    assert cfg.rule == {"keep": 0.8} and cfg.allocation == "uniform"
     assert cfg.method == "whiten"
     assert cfg.version == CONFIG_VERSION
 
@@ -79,7 +80,7 @@ def test_unknown_method_lists_known_methods():
 
 def test_unknown_solver():
     with pytest.raises(ValueError, match=r"unknown solver 'lanczoz'.*exact, randomized"):
-        CompressConfig(method="svd", solver="lanczoz")
+        CompressConfig(method="svd", options={"solver": "lanczoz"})
 
 
 def test_unknown_sampling():
@@ -89,7 +90,7 @@ def test_unknown_sampling():
 
 def test_unknown_svd_dtype():
     with pytest.raises(ValueError, match=r"svd_dtype"):
-        CompressConfig(method="svd", svd_dtype="float16")
+        CompressConfig(method="svd", options={"svd_dtype": "float16"})
 
 
 @pytest.mark.parametrize("pattern", ["re:mlp.(", "re:[unclosed", "re:*bad"])
@@ -156,19 +157,65 @@ def test_newer_version_rejected():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"oversample": -1}, "oversample"),
-        ({"power_iters": 1.5}, "power_iters"),
+        ({"options": {"oversample": -1}}, "oversample"),
+        ({"options": {"power_iters": 1.5}}, "power_iters"),
         ({"calib_samples": 0}, "calib_samples"),
         ({"batch_size": 0}, "batch_size"),
         ({"seq_len": 0}, "seq_len"),
-        ({"alpha": -0.5}, "alpha"),
-        ({"alpha": math.nan}, "alpha"),
-        ({"damping": 0.0}, "damping"),
+        ({"seed": -1}, "seed"),
+        ({"method": "asvd", "options": {"alpha": -0.5}}, "alpha"),
+        ({"method": "asvd", "options": {"alpha": math.nan}}, "alpha"),
+        ({"method": "whiten", "options": {"damping": 0.0}}, "damping"),
     ],
 )
 def test_numeric_settings_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        CompressConfig(method="svd", **kwargs)
+        CompressConfig(**{"method": "svd", **kwargs})
+
+
+@pytest.mark.parametrize("method, option", [("svd", "alpha"), ("whiten", "alpha"), ("asvd", "damping"),
+                                            ("svd", "colour")])
+def test_option_a_method_does_not_take_is_an_error(method, option):
+    """Per-method config: an option the method does not have is an error naming its options, never dropped."""
+    with pytest.raises(ValueError, match=rf"method '{method}' has no option\(s\) {option} \(its options: solver"):
+        CompressConfig(method=method, options={option: 0.5})
+
+
+def test_options_become_the_method_dataclass():
+    from rankcut.methods.asvd import ASVDConfig
+    from rankcut.methods.whiten import WhitenConfig
+
+    cfg = CompressConfig(method="asvd", options={"alpha": 0.25, "solver": "randomized"})
+    assert cfg.options == ASVDConfig(alpha=0.25, solver="randomized")
+    assert CompressConfig(method="whiten", options=WhitenConfig(damping=1e-3)).options.damping == 1e-3
+    with pytest.raises(ValueError, match=r"takes WhitenConfig, got ASVDConfig"):
+        CompressConfig(method="whiten", options=ASVDConfig())
+    assert CompressConfig(method="svd").to_dict()["options"] == {
+        "solver": "exact", "oversample": 16, "power_iters": 2, "svd_dtype": "float32"}
+
+
+def test_allocation_names_a_registered_policy():
+    with pytest.raises(ValueError, match=r"unknown allocation 'magic'; choose one of energy, rank, .*uniform"):
+        CompressConfig(allocation="magic")
+    with pytest.raises(ValueError, match=r"allocation uniform takes keep"):
+        CompressConfig(allocation="uniform", rank=4)
+    with pytest.raises(ValueError, match=r"allocation energy needs energy"):
+        CompressConfig(allocation="energy")
+    assert CompressConfig(allocation="uniform").keep == 0.8
+
+
+def test_version_1_dict_is_migrated():
+    """A format-1 checkpoint's config (every method option at the top level) reads as version 2: the options
+    the method has move into its dataclass, the others (which version 1 ignored) are dropped."""
+    v1 = {"method": "asvd", "keep": 0.6, "energy": None, "rank": None, "overrides": {}, "include": [], "exclude": [],
+          "solver": "randomized", "oversample": 8, "power_iters": 3, "alpha": 0.25, "damping": 1e-4,
+          "svd_dtype": "float64", "calib_samples": 16, "seq_len": 64, "seed": 7, "sampling": "first",
+          "batch_size": 2, "layerwise": True, "sequential": False, "version": 1}
+    cfg = CompressConfig.from_dict(v1)
+    assert cfg.version == CONFIG_VERSION == 2
+    assert cfg.options.to_dict() == {"solver": "randomized", "oversample": 8, "power_iters": 3,
+                                     "svd_dtype": "float64", "alpha": 0.25}
+    assert (cfg.keep, cfg.allocation, cfg.calib_samples, cfg.seed) == (0.6, "uniform", 16, 7)
 
 
 def _rich_config() -> CompressConfig:
@@ -178,12 +225,7 @@ def _rich_config() -> CompressConfig:
         overrides={"re:mlp\\.down_proj": {"keep": 0.9}, "model.layers.0.self_attn.q_proj": {"dense": True}},
         include=["re:layers\\.\\d+\\."],
         exclude=["lm_head"],
-        solver="randomized",
-        oversample=8,
-        power_iters=3,
-        alpha=0.25,
-        damping=1e-4,
-        svd_dtype="float64",
+        options={"solver": "randomized", "oversample": 8, "power_iters": 3, "alpha": 0.25, "svd_dtype": "float64"},
         calib_samples=16,
         seq_len=64,
         seed=7,

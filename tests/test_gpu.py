@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import rankcut
-from rankcut.layers import LowRankLinear
+from rankcut.modules import LowRankLinear
 from rankcut.targets import find_blocks
 from tiny_models import forward, llama, token_windows
 

@@ -155,21 +155,29 @@ def test_half_dtypes_preserved(dtype, tmp_path):
 def test_record_contents_and_config_round_trip(llama_ckpt):
     path, model, cfg = llama_ckpt
     manifest = json.loads((path / "rankcut.json").read_text())
-    for key in ("format_version", "rankcut_version", "architecture", "method", "config", "ranks", "files"):
+    for key in ("format_version", "rankcut_version", "architecture", "config", "targets", "files"):
         assert key in manifest, key
-    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["format_version"] == FORMAT_VERSION == 2
     assert manifest["rankcut_version"] == rankcut.__version__
     assert manifest["architecture"] == "LlamaForCausalLM"
-    assert manifest["method"] == "whiten"
-    assert manifest["ranks"] == ranks_of(model)
-    assert "model.layers.0.mlp.up_proj" not in manifest["ranks"]
+    assert manifest["config"]["method"] == "whiten"
+    ranks = ranks_of(model)
+    assert {name: e["rank"] for name, e in manifest["targets"].items()} == ranks
+    for name, entry in manifest["targets"].items():  # one module-type entry per target
+        layer = model.get_submodule(name)
+        assert entry == {"type": "lowrank", "rank": ranks[name], "shape": [layer.out_features, layer.in_features],
+                         "dtype": "float32"}
+    assert "model.layers.0.mlp.up_proj" not in manifest["targets"]
     assert "model.layers.0.mlp.up_proj" in manifest["dense"]
     assert CompressConfig.from_dict(manifest["config"]) == cfg
     assert manifest["files"]["model.safetensors"]["bytes"] == (path / "model.safetensors").stat().st_size
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "rankcut" and config["base_config"]["model_type"] == "llama"
     loaded = rankcut.load(path)
-    assert CompressConfig.from_dict(loaded.rankcut_record["config"]) == cfg
+    assert isinstance(loaded.rankcut_record, rankcut.Record)
+    assert loaded.rankcut_record.to_json() == manifest  # the typed record round-trips through JSON
+    assert rankcut.Record.from_json(json.loads(json.dumps(manifest))) == loaded.rankcut_record
+    assert CompressConfig.from_dict(loaded.rankcut_record.config) == cfg
     assert isinstance(loaded.model.layers[0].mlp.up_proj, torch.nn.Linear)
 
 
@@ -216,18 +224,23 @@ def _truncate(path):
 
 CORRUPTIONS = {
     "missing weights": (lambda p: (p / "model.safetensors").unlink(), "model.safetensors is missing"),
-    "missing record": (lambda p: (p / "rankcut.json").unlink(), "rankcut.json is missing"),
+    "missing record": (lambda p: (p / "rankcut.json").unlink(), r"is not a rankcut checkpoint \(no rankcut.json\)"),
     "missing config": (lambda p: (p / "config.json").unlink(), "config.json is missing"),
     "truncated weights": (lambda p: _truncate(p / "model.safetensors"), "truncated"),
     "flipped byte": (lambda p: _flip_byte(p / "model.safetensors"), "SHA-256"),
     "garbage record": (lambda p: (p / "rankcut.json").write_text("{not json"), "rankcut.json is corrupted"),
     "garbage config": (lambda p: (p / "config.json").write_text("\x00\x01garbage"), "config.json is corrupted"),
     "record not an object": (lambda p: (p / "rankcut.json").write_text("[1, 2]"), "rankcut.json is corrupted"),
-    "record without ranks": (
+    "record without targets": (
         lambda p: (p / "rankcut.json").write_text(
-            json.dumps({k: v for k, v in json.loads((p / "rankcut.json").read_text()).items() if k != "ranks"})
+            json.dumps({k: v for k, v in json.loads((p / "rankcut.json").read_text()).items() if k != "targets"})
         ),
-        "rankcut.json is corrupted: missing or invalid ranks",
+        "rankcut.json is corrupted: missing or invalid targets",
+    ),
+    "unknown module type": (
+        lambda p: (p / "rankcut.json").write_text(json.dumps({**(r := json.loads((p / "rankcut.json").read_text())),
+            "targets": {**r["targets"], "model.layers.0.self_attn.q_proj": {"type": "hologram", "rank": 2}}})),
+        r"model.layers.0.self_attn.q_proj: unknown module type 'hologram'; this rankcut knows .*lowrank",
     ),
     "config not an object": (lambda p: (p / "config.json").write_text("null"), "not a rankcut wrapper config"),
     "newer format": (

@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from rankcut.kernels import DenseGroup, LowRankGroup, SeparateGroup, make_group, plan_lowrank, tile_table
+from rankcut.kernels import plan_lowrank, tile_table
+from rankcut.modules.grouped import DenseGroup, LowRankGroup, SeparateGroup, make_group
 from rankcut.kernels import dispatch
 from rankcut.kernels.plan import MAX_M, next_pow2
-from rankcut.layers import LowRankLinear
+from rankcut.modules import LowRankLinear
 
 CUDA = torch.cuda.is_available()
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from rankcut.layers import LowRankLinear, dense_shape, dense_weight
+from rankcut.modules import LowRankLinear, dense_shape, dense_weight
 
 # (in, out): tall (out > in), wide (out < in), square
 SHAPES = [(5, 11), (13, 4), (7, 7)]
@@ -76,7 +76,7 @@ def test_full_rank_reproduces_conv1d_exactly(n_in, n_out, dtype):
 
 
 def test_dense_weight_rejects_other_modules():
-    with pytest.raises(TypeError, match="already low-rank"):
+    with pytest.raises(TypeError, match="already decomposed"):
         dense_weight(LowRankLinear(4, 3, 2))
     with pytest.raises(TypeError, match="expected nn.Linear or Conv1D, got Conv2d"):
         dense_weight(nn.Conv2d(1, 1, 1))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankcut.allocate import max_useful_rank
+from rankcut.units import max_useful_rank
 from rankcut.factorize import factorize
 from rankcut.linalg import safe_cholesky
 from rankcut.methods import Preconditioned, _REGISTRY, available_methods, get_method, register
@@ -194,10 +194,30 @@ def test_asvd_alpha_is_passed_through_factorize():
     W = _randn(10, 8, seed=2)
     absmean = torch.linspace(0.1, 5.0, 8, dtype=F64)
     half = factorize(W, "asvd", {"rank": 2}, stat=absmean, svd_dtype=F64)  # default alpha 0.5
-    one = factorize(W, "asvd", {"rank": 2}, stat=absmean, svd_dtype=F64, options={"alpha": 1.0, "unused": 3})
+    one = factorize(W, "asvd", {"rank": 2}, stat=absmean, svd_dtype=F64, options={"alpha": 1.0})
     assert not torch.allclose(_product(half), _product(one))
     explicit = factorize(W, "asvd", {"rank": 2}, stat=absmean, svd_dtype=F64, options={"alpha": 0.5})
     torch.testing.assert_close(_product(half), _product(explicit), rtol=0, atol=0)
+    # an option the method does not take is an error, not silently dropped
+    with pytest.raises(ValueError, match=r"method 'asvd' has no option\(s\) unused"):
+        factorize(W, "asvd", {"rank": 2}, stat=absmean, options={"alpha": 1.0, "unused": 3})
+    with pytest.raises(ValueError, match=r"method 'svd' has no option\(s\) alpha"):
+        factorize(W, "svd", {"rank": 2}, options={"alpha": 1.0})
+
+
+def test_register_checks_the_config_matches_the_function():
+    """A spectral method's config dataclass is exactly its function's options: a mismatch fails at registration."""
+    from dataclasses import dataclass
+
+    from rankcut.methods import SpectralConfig
+
+    @dataclass(frozen=True)
+    class TwoConfig(SpectralConfig):
+        beta: float = 1.0
+
+    with pytest.raises(ValueError, match=r"options of <lambda> \(\['gamma'\]\) differ from TwoConfig \(\['beta'\]\)"):
+        register("_test_mismatch", config=TwoConfig)(lambda W, stat, gamma=1.0: Preconditioned(W, lambda R: R))
+    assert "_test_mismatch" not in available_methods()
 
 
 # ------------------------------------------------------------------------------------------------ whiten

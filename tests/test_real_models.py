@@ -19,7 +19,7 @@ import transformers
 import rankcut
 from rankcut.data import tokenize
 from rankcut.evaluate.fidelity import embedding_fidelity
-from rankcut.layers import LowRankLinear
+from rankcut.modules import LowRankLinear
 
 from conftest import shared_path
 

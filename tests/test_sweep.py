@@ -9,7 +9,8 @@ import sys
 import pytest
 
 import rankcut
-from rankcut.cli import load_model, main
+from rankcut.cli import main
+from rankcut.hf import load_any as load_model
 from tiny_models import sample_text, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +80,9 @@ def test_sweep_settings_change_needs_overwrite(files, capsys):
     capsys.readouterr()
     changed = [*argv(files, out, methods="svd", keep="0.5"), "--seed", "3"]
     assert main(changed) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pass --overwrite to discard it" in err and "overwrite=True" not in err
+    assert "settings differ: " in err and "seed: 0 -> 3" in err  # what differs, in the message
     assert main([*changed, "--overwrite"]) == 0
     assert json.loads((out / "results.json").read_text())["seed"] == 3
 
@@ -103,15 +106,28 @@ def test_sweep_passes_compression_flags_to_every_point(files):
     extra = ["--include", "re:mlp", "--override", "re:down_proj=keep:0.9", "--alpha", "0.25", "--sampling", "first"]
     assert main([*argv(files, out, methods="asvd", keep="0.6"), *extra]) == 0
     point = json.loads((out / "results.json").read_text())["points"][0]
-    assert point["config"]["include"] == ["re:mlp"] and point["config"]["alpha"] == 0.25
+    assert point["config"]["include"] == ["re:mlp"] and point["config"]["options"]["alpha"] == 0.25
     model, tok = load_model(str(files["model"]), None)
-    config = rankcut.CompressConfig(method="asvd", keep=0.6, calib_samples=4, seq_len=16, batch_size=4, alpha=0.25,
+    config = rankcut.CompressConfig(method="asvd", keep=0.6, calib_samples=4, seq_len=16, batch_size=4, options={"alpha": 0.25},
                                     include=["re:mlp"], overrides={"re:down_proj": {"keep": 0.9}}, sampling="first")
     summary = rankcut.compress_(model, config, calib=str(files["calib"]), tokenizer=tok, device="cpu", progress=False)
     assert point["summary"]["rows"] == json.loads(json.dumps(summary.to_dict()["rows"]))
     assert all("mlp" in r["name"] for r in point["summary"]["rows"])
     ppl = rankcut.perplexity(model, tok, str(files["heldout"]), 16, 4, 4, "cpu", False)
     assert math.isclose(point["perplexity"]["heldout"], ppl, rel_tol=1e-6)
+
+
+def test_sweep_method_options_apply_to_the_methods_that_have_them(files, capsys):
+    """--alpha reaches asvd only; an option no method of the grid has is an error before any work."""
+    out = files["root"] / "alpha"
+    assert main([*argv(files, out, methods="svd,asvd", keep="0.5"), "--alpha", "0.25"]) == 0
+    configs = {p["method"]: p["config"]["options"] for p in json.loads((out / "results.json").read_text())["points"]}
+    assert configs["asvd"]["alpha"] == 0.25 and "alpha" not in configs["svd"]
+    capsys.readouterr()
+    bad = files["root"] / "alpha_bad"
+    assert main([*argv(files, bad, methods="svd,whiten", keep="0.5"), "--alpha", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "rankcut: error: option(s) --alpha apply to none of the methods svd, whiten" in err and not bad.exists()
 
 
 def test_sweep_is_reproducible_from_its_recorded_command(files, tmp_path):

@@ -1,5 +1,5 @@
-"""Offline zero-shot tasks: loaders on the real files in ../shared/data, lm-eval-style scoring identities,
-and ``rankcut eval --tasks``."""
+"""Offline zero-shot tasks: the record builders on the real files in ../shared/data, lm-evaluation-harness
+scoring them (checked against a hand computation with the model), and ``rankcut eval --tasks``."""
 
 from __future__ import annotations
 
@@ -7,34 +7,39 @@ import bz2
 import functools
 import json
 import math
-from types import SimpleNamespace
+import statistics
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from conftest import shared_path
 from rankcut.cli import main
-from rankcut.evaluate.tasks import (
-    TASKS,
-    Item,
-    encode_pair,
-    evaluate_tasks,
-    hellaswag_preprocess,
-    load_task,
-    loglikelihoods,
-    score_items,
-)
+from rankcut.evaluate.tasks import TASKS, evaluate_tasks
 from rankcut.evaluate.taskdata import parse_arc, read_docs, split_hellaswag_context
 from tiny_models import llama, save_tiny, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# ------------------------------------------------------------------------------ loaders on the real files
+# ------------------------------------------------------------------------------ records of the real files
 
 COUNTS = {"piqa": 1838, "winogrande": 1267, "hellaswag": 10042, "arc_easy": 2376, "arc_challenge": 1172, "lambada": 5153}
 CHOICES = {"piqa": {2}, "winogrande": {2}, "hellaswag": {4}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "lambada": {1}}
+
+
+def choices_and_gold(task: str, doc: dict) -> tuple[list[str], int]:
+    """The answer texts of a record and the gold index (LAMBADA: its last word, index 0)."""
+    if task == "piqa":
+        return [doc["sol1"], doc["sol2"]], doc["label"]
+    if task in ("arc_easy", "arc_challenge"):
+        return doc["choices"]["text"], doc["choices"]["label"].index(doc["answerKey"])
+    if task == "hellaswag":
+        return doc["endings"], int(doc["label"])
+    if task == "winogrande":
+        return [doc["option1"], doc["option2"]], int(doc["answer"]) - 1
+    return [doc["text"].rsplit(" ", 1)[1]], 0
 
 
 @pytest.fixture(scope="module")
@@ -43,57 +48,45 @@ def real_dir():
 
 
 @functools.cache
-def _real_items(task: str) -> list[Item]:
-    return load_task(task, shared_path())
-
-
-@pytest.fixture
-def real(real_dir):
-    """Items of a real task, loaded once per session (HellaSwag alone is 10,042 items)."""
-    return _real_items
+def _real_docs(task: str) -> list[dict]:
+    return read_docs(task, shared_path())
 
 
 @pytest.mark.parametrize("task", sorted(COUNTS))
-def test_real_loader_counts_and_golds(real_dir, real, task):
-    items = real(task)
-    assert len(items) == COUNTS[task]  # the README's figures
-    assert {item.n_choices for item in items} <= CHOICES[task]
-    assert all(0 <= item.gold < item.n_choices for item in items)
-    for item in items:
-        assert all(c.startswith(" ") and c.strip() for c in item.continuations)
+def test_real_records_counts_and_golds(real_dir, task):
+    docs = _real_docs(task)
+    assert len(docs) == COUNTS[task]  # the data README's figures
+    parsed = [choices_and_gold(task, doc) for doc in docs]
+    assert {len(choices) for choices, _ in parsed} <= CHOICES[task]
+    assert all(0 <= gold < len(choices) for choices, gold in parsed)
+    assert all(c.strip() for choices, _ in parsed for c in choices)
     if task != "lambada":  # golds are spread over the choices, not stuck at 0
-        assert len({item.gold for item in items}) >= 2
-    if task != "hellaswag":  # --limit keeps the first N items
-        assert load_task(task, real_dir, limit=7) == items[:7]
+        assert len({gold for _, gold in parsed}) >= 2
+    assert read_docs(task, real_dir, limit=7) == docs[:7]  # --limit keeps the first N
 
 
-def test_real_spot_checks(real):
-    piqa = real("piqa")[0]
-    assert piqa.context == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
-    assert piqa.continuations[0].startswith(" Provide the guinea pig with a cage full") and piqa.gold == 0
+def test_real_records_spot_checks(real_dir):
+    piqa = read_docs("piqa", real_dir, 1)[0]
+    assert piqa["goal"] == "How do I ready a guinea pig cage for it's new occupants?"
+    assert piqa["sol1"].startswith("Provide the guinea pig with a cage full") and piqa["label"] == 0
 
-    arc = real("arc_easy")[0]
-    assert arc.context == ("Question: Which statement best explains why photosynthesis is the foundation of most "
-                           "food webs?\nAnswer:")
-    assert arc.continuations == (" Sunlight is the source of energy for nearly all ecosystems.",
-                                 " Most ecosystems are found on land instead of in water.",
-                                 " Carbon dioxide is more available than other gases.",
-                                 " The producers in all ecosystems are plants.")
-    assert arc.gold == 0
-    assert real("arc_challenge")[0].gold == 2
+    arc = read_docs("arc_easy", real_dir, 1)[0]
+    assert arc["question"] == "Which statement best explains why photosynthesis is the foundation of most food webs?"
+    assert arc["choices"]["text"] == ["Sunlight is the source of energy for nearly all ecosystems.",
+                                      "Most ecosystems are found on land instead of in water.",
+                                      "Carbon dioxide is more available than other gases.",
+                                      "The producers in all ecosystems are plants."]
+    assert arc["answerKey"] == "A"
 
-    hs = real("hellaswag")[0]
-    assert hs.context == "Roof shingle removal: A man is sitting on a roof. He"  # lm-eval's ctx_b.capitalize()
-    assert hs.continuations[3] == " starts pulling up roofing on a roof." and hs.gold == 3
+    hs = read_docs("hellaswag", real_dir, 1)[0]
+    assert hs["endings"][3] == "starts pulling up roofing on a roof." and hs["label"] == "3"
 
-    wg = real("winogrande")[0]
-    assert wg.context == ("Sarah was a much better surgeon than Maria so Sarah",
-                          "Sarah was a much better surgeon than Maria so Maria")
-    assert wg.continuations == (" always got the easier cases.",) and wg.gold == 1
-    assert wg.pairs()[1] == (wg.context[1], wg.continuations[0])
+    wg = read_docs("winogrande", real_dir, 1)[0]
+    assert wg == {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+                  "option1": "Sarah", "option2": "Maria", "answer": "2"}
 
-    lam = real("lambada")[0]
-    assert lam.continuations == (" signs",) and lam.context.endswith("I don't care about")
+    lam = read_docs("lambada", real_dir, 1)[0]["text"]
+    assert lam.endswith("I don't care about signs")
 
 
 def test_parse_arc_and_hellaswag_context():
@@ -103,9 +96,10 @@ def test_parse_arc_and_hellaswag_context():
     assert parse_arc(record) == ("Is 2 > 1?", ["yes, it is.", "no", "Answer4 maybe"], 2)
     assert split_hellaswag_context("Label: A man sits. the lady") == ("Label", "A man sits.", "the lady")
     assert split_hellaswag_context("Health: How to rest. Sleep well.") == ("Health", "How to rest. Sleep well.", "")
-    assert hellaswag_preprocess("X: a [title] b  c [step] d") == "X: a. b c d"
     with pytest.raises(ValueError, match="activity"):
         split_hellaswag_context("no label here")
+    with pytest.raises(ValueError, match="out of range"):
+        parse_arc({**record, "answer": "answer4"})
 
 
 def test_real_docs_have_the_hub_schema(real_dir):
@@ -122,19 +116,143 @@ def test_real_docs_have_the_hub_schema(real_dir):
 
 def test_unknown_task_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="available: piqa"):
-        load_task("mmlu", tmp_path)
+        read_docs("mmlu", tmp_path)
     with pytest.raises(ValueError, match="missing"):
-        load_task("piqa", tmp_path)
+        read_docs("piqa", tmp_path)
     (tmp_path / "arc" / "ARC-Easy").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"test\.json is missing .*holds \[\]"):
-        load_task("arc_easy", tmp_path)
+        read_docs("arc_easy", tmp_path)
     with pytest.raises(ValueError, match="not a directory"):
-        load_task("piqa", tmp_path / "nope")
-    with pytest.raises(ValueError, match="unknown task"):
-        evaluate_tasks(nn.Linear(1, 1), object(), ["piqa", "boolq"], tmp_path)
+        read_docs("piqa", tmp_path / "nope")
+    with pytest.raises(ValueError, match="limit"):
+        read_docs("piqa", tmp_path, limit=0)
+    # evaluate_tasks refuses before any lm-eval work
+    model, tok = llama(), tiny_tokenizer()
+    with pytest.raises(ValueError, match="unknown task.*boolq.*available: piqa"):
+        evaluate_tasks(model, tok, ["piqa", "boolq"], tmp_path)
+    with pytest.raises(ValueError, match="give data_dir"):
+        evaluate_tasks(model, tok, ["piqa"], None)
+    with pytest.raises(ValueError, match="tokenizer"):
+        evaluate_tasks(model, None, ["piqa"], tmp_path)
+    with pytest.raises(ValueError, match="model is on cpu, not on cuda"):
+        evaluate_tasks(model, tok, ["piqa"], tmp_path, device="cuda")
 
 
-# --------------------------------------------------------------------------- synthetic data directory
+def test_missing_files_stop_evaluate_tasks(tmp_path):
+    pytest.importorskip("lm_eval")
+    model, tok = llama(), tiny_tokenizer()
+    data = make_data_dir(tmp_path / "data", n=2)
+    (data / "winogrande" / "dev-labels.lst").unlink()
+    with pytest.raises(ValueError, match=r"dev-labels\.lst is missing"):
+        evaluate_tasks(model, tok, ["piqa", "winogrande"], data, progress=False)
+    with pytest.raises(ValueError, match="not a directory"):
+        evaluate_tasks(model, tok, ["piqa"], tmp_path / "nope", progress=False)
+    with pytest.raises(ValueError, match="limit"):
+        evaluate_tasks(model, tok, ["piqa"], data, limit=0, progress=False)
+
+
+# ------------------------------------------------------------------ lm-eval's requests from the records
+
+
+def test_lm_eval_builds_the_documented_prompts_from_the_records(real_dir):
+    """lm-eval's own task configs, fed the local records: the (context, continuation) pairs it scores."""
+    pytest.importorskip("lm_eval")
+    from rankcut.evaluate.harness import _local_task_files, _offline_task_manager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = _local_task_files(list(TASKS), real_dir, 1, Path(tmp))
+        loaded = _offline_task_manager().load(list(specs.values()))["tasks"]
+        pairs = {}
+        for task, spec in specs.items():
+            built = loaded[Path(spec).stem]
+            built.build_all_requests(limit=1)
+            pairs[task] = [instance.args for instance in built.instances]
+    piqa = "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    assert [ctx for ctx, _ in pairs["piqa"]] == [piqa, piqa]
+    assert pairs["piqa"][0][1].startswith(" Provide the guinea pig with a cage full of a few inches of bedding")
+    assert pairs["arc_easy"][0] == ("Question: Which statement best explains why photosynthesis is the foundation "
+                                    "of most food webs?\nAnswer:",
+                                    " Sunlight is the source of energy for nearly all ecosystems.")
+    assert len(pairs["arc_easy"]) == 4
+    # HellaSwag: lm-eval capitalises ctx_b, which the reader split off ("he")
+    assert pairs["hellaswag"][3] == ("Roof shingle removal: A man is sitting on a roof. He",
+                                     " starts pulling up roofing on a roof.")
+    # WinoGrande partial evaluation: one context per option, the rest of the sentence the shared target
+    sentence = "Sarah was a much better surgeon than Maria so "
+    assert pairs["winogrande"] == [(sentence + "Sarah", " always got the easier cases."),
+                                   (sentence + "Maria", " always got the easier cases.")]
+    (context, target), = pairs["lambada"]
+    assert target == " signs" and context.endswith("I don't care about")
+
+
+# -------------------------------------------------------- lm-eval's figures against a hand computation
+
+
+@pytest.fixture(scope="module")
+def codellama(real_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = real_dir / "testbed" / "codellama-16m"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def hand_loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, bool]:
+    """Summed log-probability of ``continuation`` after ``context`` and whether it is the greedy one, with the
+    model called directly: the continuation's tokens are those of context+continuation after the context's."""
+    ctx = tok.encode(context, add_special_tokens=False)
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    assert whole[: len(ctx)] == ctx and len(whole) > len(ctx)
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), dim=-1)
+    rows = logp[len(ctx) - 1 : -1]
+    targets = torch.tensor(whole[len(ctx) :])
+    return rows.gather(1, targets[:, None]).sum().item(), bool((rows.argmax(-1) == targets).all())
+
+
+def hand_scores(model, tok, task: str, docs: list[dict]) -> dict:
+    """acc (+ acc_norm: sums over the choice's characters) / LAMBADA's greedy acc and perplexity, by hand,
+    with lm-eval's prompt formats (``lm_eval/tasks/{piqa,winogrande,lambada}``)."""
+    acc, acc_norm, lls = [], [], []
+    for doc in docs:
+        choices, gold = choices_and_gold(task, doc)
+        if task == "piqa":
+            sums = [hand_loglikelihood(model, tok, f"Question: {doc['goal']}\nAnswer:", " " + c)[0] for c in choices]
+        elif task == "winogrande":
+            cut = doc["sentence"].index("_")
+            rest = " " + doc["sentence"][cut + 1 :].strip()
+            sums = [hand_loglikelihood(model, tok, doc["sentence"][:cut] + c, rest)[0] for c in choices]
+        else:  # lambada
+            ll, greedy = hand_loglikelihood(model, tok, doc["text"].rsplit(" ", 1)[0], " " + choices[0])
+            lls.append(ll)
+            acc.append(float(greedy))
+            continue
+        acc.append(float(max(range(len(sums)), key=sums.__getitem__) == gold))
+        normed = [s / len(c) for s, c in zip(sums, choices)]
+        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == gold))
+    out = {"acc": statistics.mean(acc), "acc_stderr": statistics.stdev(acc) / math.sqrt(len(acc))}
+    if task == "piqa":
+        out.update(acc_norm=statistics.mean(acc_norm), acc_norm_stderr=statistics.stdev(acc_norm) / math.sqrt(len(acc)))
+    if task == "lambada":
+        out["perplexity"] = math.exp(-statistics.mean(lls))
+    return out
+
+
+def test_scores_equal_a_hand_computation_on_the_real_files(real_dir, codellama):
+    """evaluate_tasks (lm-eval) on the real files gives what the model's own log-probabilities give."""
+    pytest.importorskip("lm_eval")
+    model, tok = codellama
+    tasks, limit = ["piqa", "winogrande", "lambada"], 8
+    got = evaluate_tasks(model, tok, tasks, real_dir, limit=limit, batch_size=4, progress=False)
+    for task in tasks:
+        expected = hand_scores(model, tok, task, read_docs(task, real_dir, limit))
+        assert list(got[task]) == [*expected, "n"] and got[task]["n"] == limit, task
+        for metric, value in expected.items():
+            assert got[task][metric] == pytest.approx(value, rel=1e-5, abs=1e-12), (task, metric)
+    assert 0 < got["piqa"]["acc"] < 1 and 0 < got["winogrande"]["acc"] < 1  # the comparisons discriminate
+    assert 1 < got["lambada"]["perplexity"] < 1e7
+
+
+# ----------------------------------------------------------------- the report: keys, order, quiet runs
 
 
 def make_data_dir(root, n: int = 4):
@@ -161,138 +279,32 @@ def make_data_dir(root, n: int = 4):
     return root
 
 
-# ------------------------------------------------------------------------------ scoring: fake models
+# the keys rankcut eval reports, in its table's order
+KEYS = {"winogrande": ["acc", "acc_stderr", "n"], "lambada": ["acc", "acc_stderr", "perplexity", "n"]}
+MC_KEYS = ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"]
 
 
-class CharTokenizer:
-    """One token per ASCII character, no special tokens: token counts are character counts."""
-
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) for c in text]
-
-
-class TableLM(nn.Module):
-    """A causal "LM" whose next-token logits depend only on the current token: ``table[token]``."""
-
-    def __init__(self, table: torch.Tensor, max_len: int = 64):
-        super().__init__()
-        self.table = nn.Parameter(table, requires_grad=False)
-        self.config = SimpleNamespace(max_position_embeddings=max_len)
-
-    def forward(self, input_ids, use_cache=False):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-def biased(token: str, bias: float = 8.0) -> TableLM:
-    """Every position prefers ``token``; all other tokens are equally likely."""
-    table = torch.zeros(128, 128)
-    table[:, ord(token)] = bias
-    return TableLM(table)
-
-
-def test_model_that_prefers_the_gold_choice_gets_acc_1(tmp_path):
-    data = make_data_dir(tmp_path / "data", n=6)
-    model = biased("x")
-    result = evaluate_tasks(model, CharTokenizer(), ["piqa", "arc_easy", "arc_challenge", "winogrande"], data, progress=False)
-    for task in ("piqa", "arc_easy", "arc_challenge"):
-        assert result[task] == {"acc": 1.0, "acc_stderr": 0.0, "acc_norm": 1.0, "acc_norm_stderr": 0.0, "n": 6}
-    assert result["winogrande"] == {"acc": 1.0, "acc_stderr": 0.0, "n": 6}
-    limited = evaluate_tasks(model, CharTokenizer(), ["piqa"], data, limit=2, progress=False)
-    assert limited["piqa"]["n"] == 2
-    # preferring 'q' instead turns every answer wrong
-    assert evaluate_tasks(biased("q"), CharTokenizer(), ["piqa"], data, progress=False)["piqa"]["acc"] == 0.0
-
-
-def test_acc_norm_divides_by_choice_characters():
-    """'x' is cheap (log p ≈ -0.04) and every other char costs ≈ -8: the long choice has the lower sum but
-    the higher per-character score."""
-    model, tok = biased("x"), CharTokenizer()
-    short, long = " q", " " + "x" * 20 + "q"
-    items = [Item("ctx", (short, long), 1), Item("ctx", (short, long), 0)]
-    lls = loglikelihoods(model, tok, [p for it in items for p in it.pairs()], progress=False)
-    assert lls[0][0] > lls[1][0]
-    result = score_items(items, lls)
-    # standard error of a mean of [1, 0]: sample std sqrt(0.5) / sqrt(2) = 0.5
-    assert result == {"acc": 0.5, "acc_stderr": 0.5, "acc_norm": 0.5, "acc_norm_stderr": 0.5, "n": 2}
-    one = score_items(items[:1], lls[:2])
-    assert (one["acc"], one["acc_norm"], one["n"]) == (0.0, 1.0, 1) and math.isnan(one["acc_stderr"])
-
-
-def test_lambada_greedy_accuracy_and_perplexity(tmp_path):
-    """After any non-space the table LM prefers ' ', after ' ' it prefers 'x': ' x' is greedy, ' xy' is not."""
-    table = torch.zeros(128, 128)
-    table[:, ord(" ")] = 5.0
-    table[ord(" ")] = 0.0
-    table[ord(" "), ord("x")] = 5.0
-    model, tok = TableLM(table), CharTokenizer()
-    items = [Item("a b c", (" x",), 0), Item("a b c", (" xy",), 0)]
-    lls = loglikelihoods(model, tok, [p for it in items for p in it.pairs()], progress=False)
-    assert [g for _, g in lls] == [True, False]
-    logp = torch.log_softmax(table, dim=-1)
-    first = (logp[ord("c"), ord(" ")] + logp[ord(" "), ord("x")]).item()
-    assert lls[0][0] == pytest.approx(first, abs=1e-5)
-    assert lls[1][0] == pytest.approx(first + logp[ord("x"), ord("y")].item(), abs=1e-5)
-    result = score_items(items, lls, ("acc", "perplexity"))
-    assert result["acc"] == 0.5 and result["n"] == 2
-    assert result["perplexity"] == pytest.approx(math.exp(-(lls[0][0] + lls[1][0]) / 2))
-    data = make_data_dir(tmp_path / "data", n=3)  # "a b {i} x": context ends in a digit, target " x": greedy
-    assert evaluate_tasks(model, tok, ["lambada"], data, progress=False)["lambada"]["acc"] == 1.0
-
-
-def test_long_context_is_left_truncated_to_the_model_length():
-    model, tok = biased("x"), CharTokenizer()  # max length 64
-    long = [("q" * 500, " xx"), ("q" * 500, " " + "x" * 100)]
-    lls = loglikelihoods(model, tok, long, progress=False)
-    logp = torch.log_softmax(model.table[0], dim=-1)
-    assert lls[0][0] == pytest.approx((logp[ord(" ")] + 2 * logp[ord("x")]).item(), abs=1e-5)
-    assert math.isfinite(lls[1][0])  # a continuation longer than the window keeps its last 64 tokens
-
-
-# ------------------------------------------------------------------------- scoring: a real tiny model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return llama(), tiny_tokenizer()
-
-
-PAIRS = [
-    ("def add(a, b):", " return a + b"),
-    ("class Point:", " pass"),
-    ("the quick brown fox ", "jumps"),  # trailing space moves to the continuation
-    ("x", " = 1\nprint(x)\n"),
-    ("", "import os"),  # empty context: the EOS token stands in
-]
-
-
-def test_loglikelihood_equals_independent_log_softmax_sum(tiny):
-    model, tok = tiny
-    got = loglikelihoods(model, tok, PAIRS, batch_size=2, progress=False)
-    for (ctx, cont), (ll, greedy) in zip(PAIRS, got):
-        ctx_ids = tok.encode(ctx.rstrip(), add_special_tokens=False) or [tok.eos_token_id]
-        whole = tok.encode(ctx + cont, add_special_tokens=False)
-        if not ctx.strip():
-            whole = [tok.eos_token_id] + whole
-        ids = torch.tensor([whole])
-        with torch.no_grad():
-            logp = F.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-        start = len(ctx_ids)
-        targets = ids[0, start:]
-        expected = logp[start - 1 : -1].gather(1, targets[:, None]).sum().item()
-        assert ll == pytest.approx(expected, abs=1e-4)
-        assert greedy == bool((logp[start - 1 : -1].argmax(-1) == targets).all())
-    # batching and padding do not change the figures
-    one = loglikelihoods(model, tok, PAIRS, batch_size=1, progress=False)
-    assert [a for a, _ in one] == pytest.approx([a for a, _ in got], abs=1e-4)
-
-
-def test_encode_pair_splits_at_the_context_length(tiny):
-    _, tok = tiny
-    assert encode_pair(tok, "abc  ", "def") == encode_pair(tok, "abc", "  def")
-    ctx, cont = encode_pair(tok, "def add(a, b):", " return a + b")
-    assert ctx + cont == tok.encode("def add(a, b): return a + b", add_special_tokens=False)
+def test_report_keys_order_and_quiet_run(tmp_path, capfd):
+    pytest.importorskip("lm_eval")
+    data = make_data_dir(tmp_path / "data", n=3)
+    model, tok = llama(), tiny_tokenizer()
+    model.train()
+    order = ["lambada", "winogrande", "piqa", "hellaswag", "arc_challenge", "arc_easy", "piqa"]
+    capfd.readouterr()
+    result = evaluate_tasks(model, tok, order, data, progress=False)
+    out, err = capfd.readouterr()
+    assert list(result) == order[:-1]  # the order asked for, a repeat once
+    for task, row in result.items():
+        assert list(row) == KEYS.get(task, MC_KEYS), task
+        assert row["n"] == 3 and all(isinstance(v, float) for k, v in row.items() if k != "n")
+        assert 0 <= row["acc"] <= 1
+    assert result["lambada"]["perplexity"] > 1
+    assert model.training  # HFLM's eval() undone
+    assert out == ""
+    # lm-eval's bars are off; LAMBADA's perplexity stderr still draws a one-step bootstrap bar
+    assert "Running loglikelihood" not in err and "Tokenizing" not in err and "examples/s" not in err
+    one = evaluate_tasks(model, tok, ["piqa"], data, limit=1, progress=False)["piqa"]
+    assert one["n"] == 1 and math.isnan(one["acc_stderr"]) and math.isnan(one["acc_norm_stderr"])
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -305,17 +317,19 @@ def cli_files(tmp_path_factory):
 
 
 def test_cli_eval_tasks_writes_json(cli_files, capsys):
+    pytest.importorskip("lm_eval")
     out = cli_files["root"] / "eval.json"
     code = main(["eval", str(cli_files["model"]), "--tasks", ",".join(TASKS), "--data-dir", str(cli_files["data"]),
                  "--limit", "3", "--baseline", str(cli_files["model"]), "--json", str(out), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0
     data = json.loads(out.read_text())
-    assert set(data["tasks"]) == set(TASKS) and data["perplexity"] == {}
+    assert list(data["tasks"]) == list(TASKS) and data["perplexity"] == {}
     assert all(r["n"] == 3 for r in data["tasks"].values())
-    assert set(data["tasks"]["lambada"]) == {"acc", "acc_stderr", "perplexity", "n"}
+    assert {task: list(row) for task, row in data["tasks"].items()} == {t: KEYS.get(t, MC_KEYS) for t in TASKS}
     assert data["baseline"]["tasks"] == data["tasks"]  # same model twice
     assert "compressed" in printed and "hellaswag" in printed and "+0.00pt" in printed
+    assert "lambada          perplexity" in printed
 
 
 @pytest.mark.parametrize(
@@ -335,8 +349,8 @@ def test_cli_task_errors(cli_files, capsys, extra, match):
     assert code == 2 and "rankcut: error:" in err and match in err, err
 
 
-def test_cli_harness_scores_like_the_builtin_scorer(cli_files, capsys):
-    """``--harness`` runs lm-eval on the same files; on the synthetic tasks it must agree with rankcut."""
+def test_cli_harness_flag_gives_the_same_figures(cli_files, capsys):
+    """``--harness`` (lm-eval's raw report) and the default (evaluate_tasks) agree on what both report."""
     pytest.importorskip("lm_eval")
     common = ["eval", str(cli_files["model"]), "--tasks", ",".join(TASKS), "--data-dir", str(cli_files["data"]),
               "--limit", "3", "--dtype", "float32", "--quiet"]
@@ -346,10 +360,20 @@ def test_cli_harness_scores_like_the_builtin_scorer(cli_files, capsys):
     a, b = json.loads(ours.read_text())["tasks"], json.loads(theirs.read_text())["tasks"]
     for task in TASKS:
         for metric, value in a[task].items():
-            assert b[task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
-        assert {m for m in b[task] if not m.endswith("_stderr")} == {m for m in a[task] if not m.endswith("_stderr")}
+            assert b[task][metric] == pytest.approx(value, rel=1e-9), (task, metric)
 
 
+def test_cli_missing_task_file(cli_files, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    code = main(["eval", str(cli_files["model"]), "--tasks", "piqa", "--data-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "valid.jsonl is missing" in err, err
+
+
+# ------------------------------------------------- lm-eval on Hub task names (its whole index: slow)
+
+
+@pytest.mark.slow
 def test_cli_unknown_harness_task(cli_files, capsys):
     pytest.importorskip("lm_eval")
     code = main(["eval", str(cli_files["model"]), "--tasks", "no_such_task", "--quiet"])
@@ -357,7 +381,8 @@ def test_cli_unknown_harness_task(cli_files, capsys):
     assert code == 2 and "knows no task no_such_task" in err, err
 
 
-def test_unreachable_hub_is_a_clear_error(codellama, monkeypatch):
+@pytest.mark.slow
+def test_unreachable_hub_is_a_clear_error(monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     from rankcut.evaluate.harness import evaluate_harness
 
@@ -366,52 +391,15 @@ def test_unreachable_hub_is_a_clear_error(codellama, monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
     with pytest.raises(ValueError, match="could not fetch task data .* --data-dir"):
-        evaluate_harness(*codellama, ["piqa"], limit=2)
+        evaluate_harness(llama(), tiny_tokenizer(), ["piqa"], limit=2)
 
 
-def test_cli_missing_task_file(cli_files, tmp_path, capsys):
-    code = main(["eval", str(cli_files["model"]), "--tasks", "piqa", "--data-dir", str(tmp_path), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2 and "valid.jsonl is missing" in err, err
-
-
-# ------------------------------------------------------------------- agreement with lm-evaluation-harness
-
-
-@pytest.fixture(scope="module")
-def codellama(real_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = real_dir / "testbed" / "codellama-16m"
-    # float32: the checkpoint is bf16, and lm-eval takes log-softmax in the logits' dtype where rankcut
-    # upcasts first; in float32 the two agree to the last bit
-    return AutoModelForCausalLM.from_pretrained(path).eval().float(), AutoTokenizer.from_pretrained(path)
-
-
-def test_offline_scores_equal_lm_eval_on_the_real_files(real_dir, codellama):
-    """lm-eval's own task configs, fed the same local records, score a real model as rankcut does."""
+@pytest.mark.slow
+def test_harness_errors(tmp_path):
     pytest.importorskip("lm_eval")
     from rankcut.evaluate.harness import evaluate_harness
 
-    model, tok = codellama
-    tasks = list(TASKS)
-    ours = evaluate_tasks(model, tok, tasks, real_dir, limit=12, batch_size=8, progress=False)
-    theirs = evaluate_harness(model, tok, tasks, real_dir, limit=12, batch_size=8)
-    assert set(theirs) == set(tasks)
-    for task in tasks:
-        assert theirs[task]["n"] == ours[task]["n"] == 12
-        for metric, value in ours[task].items():
-            if metric == "n":
-                continue
-            assert theirs[task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
-    assert 1 < ours["lambada"]["perplexity"] < 1e6  # a continuous check on the summed log-likelihoods
-
-
-def test_harness_errors(tmp_path, codellama):
-    pytest.importorskip("lm_eval")
-    from rankcut.evaluate.harness import evaluate_harness
-
-    model, tok = codellama
+    model, tok = llama(), tiny_tokenizer()
     with pytest.raises(ValueError, match="knows no task no_such_task"):
         evaluate_harness(model, tok, ["no_such_task"])
     with pytest.raises(ValueError, match="unknown offline task.* mmlu"):

@@ -5,7 +5,7 @@ every step (DESIGN.md §5), so the benchmark owns its step: a KV cache it alloca
 a device tensor, no host synchronisation and no shape change from one token to the next, so that one step
 can be captured in a CUDA graph and replayed. The step calls the model's own modules (embeddings, norms,
 projections, LM head), so dense and compressed models run the identical code; only the projection
-layers differ (``nn.Linear`` / ``Conv1D`` or :class:`~rankcut.layers.LowRankLinear`).
+layers differ (``nn.Linear`` / ``Conv1D`` or :class:`~rankcut.modules.LowRankLinear`).
 
 Projections that read the same input are fused at construction (``fuse=True``; q/k/v and gate/up, dense
 or low-rank alike; :mod:`rankcut.kernels.grouped`). Supported: the Llama family (``llama``, ``mistral``,
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rankcut.kernels import ops
-from rankcut.kernels.grouped import SeparateGroup, make_group
+from rankcut.modules.grouped import SeparateGroup, make_group
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 

@@ -2,7 +2,7 @@
 
 Decode speed does not depend on weight values, so large shapes (Llama-2-7B, Llama-3-8B) are built directly
 on the GPU with random weights from a ``transformers`` config; no download is needed. A *random* low-rank
-swap (:func:`random_lowrank_`) replaces every target by a :class:`~rankcut.layers.LowRankLinear` at the
+swap (:func:`random_lowrank_`) replaces every target by a :class:`~rankcut.modules.LowRankLinear` at the
 uniform-keep rank with random factors: the same shapes, bytes and speed as a real compression, none of
 its quality (use it for speed only).
 """
@@ -16,8 +16,8 @@ import torch
 import transformers
 from torch import nn
 
-from rankcut.allocate import uniform_rank
-from rankcut.layers import LowRankLinear, dense_shape, low_rank_modules
+from rankcut.units import uniform_rank
+from rankcut.modules import LowRankLinear, dense_shape, low_rank_modules
 from rankcut.targets import find_targets, get_submodule_parent
 
 log = logging.getLogger(__name__)

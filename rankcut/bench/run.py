@@ -2,7 +2,7 @@
 
 Reports tokens/s, ms/token, achieved GB/s of weight traffic, peak memory, energy per token (NVML), the
 theoretical bound (dense bytes / compressed bytes) and the fraction of it achieved, and the cost model's
-prediction (:mod:`rankcut.bench.cost`).
+prediction (:mod:`rankcut.cost`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import os
 
 import torch
 
-from rankcut.bench import cost
+from rankcut import cost
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.loop import time_decode
 from rankcut.bench.models import RANDOM_PREFIX, PRESETS, preset_config, random_lowrank_, random_model, weight_bytes
-from rankcut.layers import dense_shape, low_rank_modules
+from rankcut.modules import dense_shape, low_rank_modules
 from rankcut.targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ def load_for_bench(spec: str, dtype: torch.dtype, device: str, layers: int | Non
 
             config = transformers.AutoConfig.from_pretrained(os.path.expanduser(name))
         return random_model(config, dtype, device)
-    from rankcut.cli import load_model
+    from rankcut.hf import load_any
 
-    model, _ = load_model(spec, dtype, device)
+    model, _ = load_any(spec, dtype, device)
     return model.to(device).eval()
 
 
@@ -129,7 +129,7 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
         "weight_gbps": wb * steps / 1e9, "traffic_gbps": (wb + kvb) * steps / 1e9,
         "kernels_per_step": kernels, "kernel_names": names, "target_launches_per_step": launches,
         "glue_kernels_per_step": glue,
-        "predicted_ms_per_token": pred["total_s"] * 1e3, "predicted": pred,
+        "predicted_ms_per_token": pred["total_s"] * 1e3, "predicted": pred, "predicted_for": profile.name,
         "low_rank_targets": sum(r is not None for *_, r in rows), "targets": len(rows),
         "fused_projections": fuse, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     })
@@ -202,24 +202,34 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
 
 
 def format_table(result: dict) -> str:
-    """The human-readable summary ``rankcut bench`` prints."""
+    """The human-readable summary ``rankcut bench`` prints. The cost model predicts a GPU (its profile's): off a
+    CUDA device the "pred ms" column shows "-" and a note says so, rather than mixing a GPU prediction with a
+    CPU measurement."""
+    s = result["settings"]
+    on_gpu = str(s.get("device", "cuda")).startswith("cuda")
     lines = [f"{'model':<48} {'tok/s':>8} {'ms/tok':>7} {'pred ms':>7} {'GB/tok':>7} {'GB/s':>7} {'peak GiB':>8} "
              f"{'J/tok':>6} {'of BW limit':>11}"]
+    profile = None
     for role in ("baseline", "model"):
         r = result.get(role)
         if not r:
             continue
+        profile = r.get("predicted_for", cost.H200_BF16.name)
         energy = f"{r['energy_j_per_token']:.3f}" if r.get("energy_j_per_token") is not None else "-"
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"
         frac = f"{r['fraction_of_bandwidth_limit']:.1%}" if r.get("fraction_of_bandwidth_limit") else "-"
+        pred = f"{r['predicted_ms_per_token']:>7.3f}" if on_gpu else f"{'-':>7}"
         lines.append(f"{r['spec'][:48]:<48} {r['tokens_per_s']:>8.1f} {r['ms_per_token']:>7.3f} "
-                     f"{r['predicted_ms_per_token']:>7.3f} {r['weight_bytes'] / 1e9:>7.3f} {r['weight_gbps']:>7.0f} "
+                     f"{pred} {r['weight_bytes'] / 1e9:>7.3f} {r['weight_gbps']:>7.0f} "
                      f"{peak:>8} {energy:>6} {frac:>11}")
     c = result.get("comparison")
     if c:
-        lines.append(f"speedup {c['speedup']:.3f}x; bound (dense bytes / compressed bytes) {c['bound']:.3f}x; "
-                     f"fraction of bound {c['fraction_of_bound']:.1%}; predicted speedup {c['predicted_speedup']:.3f}x")
-    s = result["settings"]
+        line = (f"speedup {c['speedup']:.3f}x; bound (dense bytes / compressed bytes) {c['bound']:.3f}x; "
+                f"fraction of bound {c['fraction_of_bound']:.1%}")
+        lines.append(line + (f"; predicted speedup {c['predicted_speedup']:.3f}x" if on_gpu else ""))
     lines.append(f"batch {s['batch']}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, {s['dtype']}, "
                  f"median of {s['repeats']} repeats")
+    if not on_gpu:
+        lines.append(f"pred ms: not shown on {s.get('device')}: the cost model predicts an "
+                     f"{profile or cost.H200_BF16.name} GPU, not this machine")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Measurement helpers: CUDA-graph kernel timing, copy bandwidth, launch floor, NVML energy, environment.
+"""Measurement helpers: CUDA-graph kernel timing, copy bandwidth, launch floor, NVML energy.
 
 Kernel time follows DESIGN.md §5: the calls are captured in one CUDA graph and its replays are timed with
 CUDA events, so host launch overhead is not measured. Weights are rotated among enough copies that the
@@ -9,9 +9,7 @@ HBM as in a real decode step instead of hitting the cache.
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
-import subprocess
 from collections.abc import Callable
 
 import torch
@@ -107,32 +105,3 @@ class EnergyMeter:
     @property
     def joules(self) -> float | None:
         return self.total if self.handle is not None else None
-
-
-def environment(device: torch.device | str | None = None) -> dict:
-    """GPU name, driver, CUDA, torch, triton, transformers and Python versions."""
-    import transformers
-
-    from rankcut import __version__
-
-    info = {"rankcut": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda, "triton": None, "gpu": None,
-            "driver": None}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        props = torch.cuda.get_device_properties(device or 0)
-        info["gpu"] = f"{props.name} ({props.total_memory >> 20} MiB, {props.multi_processor_count} SMs)"
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError, IndexError):
-            pass
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
-    return info

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankcut.calibrate import batches
-from rankcut.compress import default_seq_len
+from rankcut.utils import default_seq_len
 from rankcut.data import source_name, token_stream
 
 
@@ -27,12 +27,14 @@ def perplexity(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> float:
     """Perplexity of a causal LM on ``text`` (file path, dataset name, list of strings or token tensor).
 
     Args:
         seq_len: window length; default min(2048, model maximum).
         max_windows: evaluate only the first N windows (None: all).
+        label: what the progress bar calls the evaluation (``ppl <label>``; default the text's name).
 
     Raises:
         ValueError: the text is shorter than one window, or the model has no LM head.
@@ -53,7 +55,8 @@ def perplexity(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(list(batches(windows, batch_size)), desc=f"ppl {source_name(text)}", disable=not progress):
+            desc = f"ppl {label or source_name(text)}"
+            for batch in tqdm(list(batches(windows, batch_size)), desc=desc, disable=not progress):
                 batch = batch.to(device)
                 logits = getattr(model(input_ids=batch, use_cache=False), "logits", None)
                 if logits is None:
@@ -79,10 +82,16 @@ def evaluate(
     batch_size: int = 8,
     device=None,
     progress: bool = True,
+    label: str | None = None,
 ) -> dict:
-    """Perplexity on each text source; returns ``{"perplexity": {name: value}, "settings": {...}}``."""
+    """Perplexity on each text source; returns ``{"perplexity": {name: value}, "settings": {...}}``.
+
+    ``label`` tells the progress bars of several models apart: ``ppl <text> (<label>)``.
+    """
     seq_len = seq_len or default_seq_len(model)
     results = {}
     for source in ppl:
-        results[source_name(source)] = perplexity(model, tokenizer, source, seq_len, max_windows, batch_size, device, progress)
+        name = source_name(source)
+        results[name] = perplexity(model, tokenizer, source, seq_len, max_windows, batch_size, device, progress,
+                                   label=f"{name} ({label})" if label else None)
     return {"perplexity": results, "settings": {"seq_len": seq_len, "max_windows": max_windows, "batch_size": batch_size}}

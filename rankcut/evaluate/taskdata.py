@@ -2,9 +2,9 @@
 
 The data directory is laid out like ``../shared/data`` (see its README): ``piqa/``, ``arc/ARC-Easy/``,
 ``arc/ARC-Challenge/``, ``winogrande/``, ``hellaswag/``, ``lambada/``. Each reader returns one dict per item
-with the fields of the Hub dataset that lm-evaluation-harness' task of the same name reads, so that the
-same records feed rankcut's own scorer (:mod:`rankcut.evaluate.tasks`) and lm-eval itself
-(:mod:`rankcut.evaluate.harness`):
+with the fields of the Hub dataset that lm-evaluation-harness' task of the same name reads; lm-eval scores
+these records with its own task configurations (:mod:`rankcut.evaluate.harness`, which
+:func:`rankcut.evaluate.tasks.evaluate_tasks` calls):
 
 - piqa (``baber/piqa``): ``goal, sol1, sol2, label``.
 - arc_easy / arc_challenge (``allenai/ai2_arc``): ``id, question, choices{text, label}, answerKey``.

@@ -1,66 +1,49 @@
-"""Decomposition methods: a registry of pure functions.
+"""Decomposition methods: a registry, one file per method, each with its own validated config dataclass.
 
-A method turns a weight ``W`` (out×in) and, optionally, a calibration statistic into a
-:class:`Preconditioned` problem: a matrix ``A`` whose truncated SVD is taken, and a map ``unapply`` that
-brings the right factor back to the input space of ``W``. Truncating ``A = U S Vh`` to rank r then gives
-``W ≈ (U √S) · unapply(√S Vh)``. Adding a method means adding one file that registers itself here.
+Two kinds of method share one interface (``MethodSpec.decompose(items, config, rank, seed) -> Candidate``,
+with ``items`` the targets of one :class:`~rankcut.units.Unit` and ``rank`` the largest rank the plan may
+choose for it):
+
+- **spectral** methods (``svd``, ``asvd``, ``whiten``), registered with :func:`register` on a pure function
+  ``fn(W, stat, **options) -> Preconditioned``: a matrix ``A = W·M`` whose truncated SVD is taken, and a map
+  ``unapply`` that brings the right factor back to the input space of ``W``. Truncating ``A = U S Vh`` to
+  rank r gives ``W ≈ (U √S) · unapply(√S Vh)``. Their config is a :class:`SpectralConfig` subclass (solver
+  settings plus the method's own options, which are exactly the function's keyword arguments).
+- **group** methods, registered with :func:`register_group` on ``fn(items, config, rank, seed) ->
+  Candidate``, and a ``units(targets, config)`` function that says which targets are decomposed jointly
+  (e.g. the same tensor type of G layers). The pipeline hands them all the items of a unit at once.
+
+Adding a method means adding one file that registers itself here.
 """
 
-from __future__ import annotations
+from rankcut.methods.base import (  # noqa: F401
+    Item,
+    MethodConfig,
+    MethodSpec,
+    Preconditioned,
+    SpectralConfig,
+    _REGISTRY,
+    available_methods,
+    get_method,
+    per_target_units,
+    register,
+    register_group,
+    unregister,
+)
+import rankcut.methods.asvd  # noqa: E402,F401  (importing the method modules registers them)
+import rankcut.methods.svd  # noqa: E402,F401
+import rankcut.methods.whiten  # noqa: E402,F401
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
-
-
-@dataclass
-class Preconditioned:
-    """``A = W · M`` for some invertible M; ``unapply(R)`` returns ``R · M⁻¹``."""
-
-    A: torch.Tensor
-    unapply: Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered method: its function, the calibration statistic it needs (or None), its reference."""
-
-    name: str
-    fn: Callable[..., Preconditioned]
-    stat: str | None
-    reference: str
-
-
-_REGISTRY: dict[str, MethodSpec] = {}
-
-
-def register(name: str, stat: str | None = None, reference: str = "") -> Callable:
-    """Decorator registering ``fn(W, stat, **options) -> Preconditioned`` under ``name``.
-
-    ``stat`` names the calibration statistic the method consumes: ``"gram"`` (XᵀX, float64), ``"absmean"``
-    (mean |x| per input channel) or None for data-free methods.
-    """
-
-    def wrap(fn: Callable[..., Preconditioned]) -> Callable[..., Preconditioned]:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, fn, stat, reference)
-        return fn
-
-    return wrap
-
-
-def get_method(name: str) -> MethodSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(_REGISTRY))}") from None
-
-
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-# Importing the method modules registers them.
-from rankcut.methods import asvd, svd, whiten  # noqa: E402,F401
+__all__ = [
+    "Item",
+    "MethodConfig",
+    "MethodSpec",
+    "Preconditioned",
+    "SpectralConfig",
+    "available_methods",
+    "get_method",
+    "per_target_units",
+    "register",
+    "register_group",
+    "unregister",
+]

@@ -6,9 +6,12 @@ activations are approximated more carefully: ``W ≈ trunc(W S) S⁻¹`` with ``
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
-from rankcut.methods import Preconditioned, register
+from rankcut.methods.base import Preconditioned, SpectralConfig, register
 
 
 def asvd_scales(absmean: torch.Tensor, alpha: float = 0.5, floor: float = 1e-6) -> torch.Tensor:
@@ -20,7 +23,20 @@ def asvd_scales(absmean: torch.Tensor, alpha: float = 0.5, floor: float = 1e-6) 
     return base.pow(alpha)
 
 
-@register("asvd", stat="absmean", reference="Yuan et al. 2023, ASVD, arXiv:2312.05821")
+@dataclass(frozen=True)
+class ASVDConfig(SpectralConfig):
+    """``asvd``: the solver settings and the activation exponent α."""
+
+    alpha: float = field(default=0.5, metadata={"help": "ASVD activation exponent α (channel scale mean|x|^α)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+        if not (ok and math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+
+
+@register("asvd", stat="absmean", reference="Yuan et al. 2023, ASVD, arXiv:2312.05821", config=ASVDConfig)
 def asvd(W: torch.Tensor, stat: torch.Tensor, alpha: float = 0.5) -> Preconditioned:
     """``A = W diag(s)``; the right factor is divided by ``s`` column-wise afterwards."""
     if stat is None:

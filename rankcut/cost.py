@@ -19,6 +19,7 @@ faster on such a GPU.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass
 
@@ -141,3 +142,35 @@ def speedup_warning(rows: list[tuple[str, int, int, int | None]], profile: Devic
             f"({profile.name}) predicts the targets at {t_low * 1e6:.1f} µs per token low-rank vs {t_dense * 1e6:.1f} µs "
             f"dense ({t_dense / t_low:.2f}x); {faster} of {len(low)} factorised targets would be faster alone. Ranks "
             f"near break-even save too few bytes to pay for a second launch; the checkpoint is still smaller.")
+
+
+
+warning_log = logging.getLogger("rankcut.cost")
+_warned = [False]
+
+
+def speedup_warning_once(rows: list[tuple[str, int, int, int | None]], device=None,
+                         profile: DeviceProfile = H200_BF16) -> str | None:
+    """Log :func:`speedup_warning` the first time it applies in this process (a sweep compresses many times),
+    saying that it is a prediction for ``profile``'s GPU, not a measurement of this machine. Returns the
+    message (or None)."""
+    message = speedup_warning(rows, profile)
+    if message is None:
+        return None
+    where = getattr(device, "type", device) or "cpu"
+    if where != "cuda":
+        message += (f" (A prediction of the cost model for an {profile.name} GPU, not a measurement of this "
+                    f"{where.upper() if where == 'cpu' else where} machine.)")
+    if not _warned[0]:
+        _warned[0] = True
+        warning_log.warning(message)
+    return message
+
+
+
+def fixed_decode_seconds(head: tuple[int, int] | None, blocks: int, profile: DeviceProfile = H200_BF16) -> float:
+    """Predicted seconds per decode token of what compression does not change: the LM head (``head`` = its
+    (vocab, hidden) shape) and the small kernels of the step (5 per block + 18, as ``rankcut bench`` counts them
+    without a profiler)."""
+    t_head = dense_time(*head, 1, profile) if head is not None else 0.0
+    return t_head + (5 * blocks + 18) * profile.glue

@@ -1,6 +1,6 @@
 """Horizontal fusion: layers that read the same input (q/k/v, gate/up) computed as one product.
 
-:class:`LowRankGroup` stacks the ``V`` factors of several :class:`~rankcut.layers.LowRankLinear` (any ranks)
+:class:`LowRankGroup` stacks the ``V`` factors of several :class:`~rankcut.modules.LowRankLinear` (any ranks)
 into one (R, K) matrix and their ``U`` factors into one flat buffer, so that on CUDA one kernel launch
 computes all their outputs, concatenated. :class:`DenseGroup` does the same for ``nn.Linear`` layers with
 one concatenated weight (one cuBLAS call). Fusion is an inference-time transformation, never part of a
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankcut.layers import LowRankLinear
+from rankcut.modules import LowRankLinear
 
 
 def _rebind(param: nn.Parameter, view: torch.Tensor) -> None:

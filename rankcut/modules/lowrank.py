@@ -1,44 +1,24 @@
-"""The one module rankcut swaps into a model: a linear layer stored as two factors."""
+"""``LowRankLinear``: a linear layer stored as two factors (module type ``"lowrank"``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-try:  # GPT-2 family stores its projections as Conv1D with weight (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()
+from rankcut.modules.registry import register_module_type
+from rankcut.modules.dense import dense_shape, dense_weight
+from rankcut.utils import dtype_name
 
 
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` as an (out, in) matrix (a view, not a copy)."""
-    if isinstance(layer, nn.Linear):
-        return layer.weight
-    if Conv1D and isinstance(layer, Conv1D):
-        return layer.weight.t()
-    if isinstance(layer, LowRankLinear):
-        raise TypeError("layer is already low-rank; use LowRankLinear.to_dense() for its product")
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(layer).__name__}")
-
-
-def low_rank_modules(model: nn.Module) -> dict[str, "LowRankLinear"]:
-    """Every :class:`LowRankLinear` of ``model`` by qualified name, in module order."""
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
-
-
-def dense_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out, in) of a dense linear layer, without materialising anything (works on the meta device)."""
-    weight = dense_weight(layer)
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
+@register_module_type
 class LowRankLinear(nn.Module):
     """``y = U(V(x)) = (x Vᵀ) Uᵀ + b`` with ``V``: in→rank and ``U``: rank→out, both ``nn.Linear``.
 
     The bias lives on ``U``. Keeping the factors as plain ``nn.Linear`` children lets PEFT wrap each one and
     merge back without changing the rank.
     """
+
+    record_type = "lowrank"
 
     def __init__(
         self,
@@ -71,6 +51,20 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+    def record_entry(self) -> dict:
+        """What the checkpoint record keeps: rank, shape and storage dtype."""
+        return {"rank": self.rank, "shape": [self.out_features, self.in_features],
+                "dtype": dtype_name(self.U.weight.dtype)}
+
+    @classmethod
+    def from_record(cls, entry: dict, dense: nn.Module, device: torch.device | str = "meta") -> LowRankLinear:
+        """An empty layer of the recorded rank in place of the dense layer ``dense`` (its shape and bias)."""
+        out_f, in_f = dense_shape(dense)
+        rank = entry.get("rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"low-rank entry needs an integer rank >= 1, got {rank!r}")
+        return cls(in_f, out_f, rank, bias=getattr(dense, "bias", None) is not None, device=device)
 
     @classmethod
     def from_factors(

@@ -1,0 +1,24 @@
+#!/bin/bash
+# GPU measurements of the pipeline reshaping (issue 10) and allocation (issue 11), one device call.
+# Usage: bash benchmarks/gpu_session.sh OUTDIR [stages...]
+#   stages: env compress7b spectrum7b sens7b tests
+set -u
+OUT=${1:?outdir}; shift
+STAGES=${*:-"env compress7b spectrum7b tests"}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+mkdir -p "$OUT" "$TRITON_CACHE_DIR"
+for s in $STAGES; do
+  echo "=== stage $s $(date +%T)"
+  case $s in
+    env) python3 -c "import torch, transformers, accelerate, huggingface_hub as h; print(torch.__version__, transformers.__version__, accelerate.__version__, h.__version__, torch.cuda.get_device_name())"
+         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 ;;
+    compress7b) timeout 260 python3 benchmarks/gpu_compress_7b.py --layers 32 --samples 256 --seq-len 2048 \
+                  --keep 0.8 --method whiten --solver exact --batch-size 8 --json "$OUT/gpu_compress_7b.json" 2>&1 | tail -22 ;;
+    spectrum7b) timeout 280 python3 benchmarks/gpu_compress_7b.py --layers 32 --samples 256 --seq-len 2048 \
+                  --keep 0.8 --method whiten --solver exact --batch-size 8 --allocation spectrum \
+                  --json "$OUT/gpu_compress_7b_spectrum.json" 2>&1 | tail -22 ;;
+    sens7b) timeout 300 python3 benchmarks/gpu_sensitivity_7b.py --json "$OUT/gpu_sensitivity_7b.json" 2>&1 | tail -20 ;;
+    tests) timeout 200 python3 -m pytest -q -m gpu tests/ -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
+  esac
+done
+ls -la "$OUT"

@@ -1,0 +1,49 @@
+"""``rankcut bench MODEL [--compare DENSE]``: decode speed through rankcut's static-cache, CUDA-graph loop
+(:func:`rankcut.bench.run.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rankcut import report
+from rankcut.cli import flags
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench", help="decode speed (tokens/s, GB/s, energy) with a static KV cache and CUDA graphs",
+                       description="Decode speed of a model, and of a baseline with the identical loop.")
+    b.add_argument("model", help="rankcut checkpoint, model directory, Hub id, or random:SHAPE (llama2-7b, llama3-8b, "
+                                 "gpt2, ...)")
+    b.add_argument("--compare", metavar="MODEL", help="dense baseline benchmarked in the same run with the identical loop")
+    b.add_argument("--random-lowrank", type=float, metavar="KEEP",
+                   help="replace MODEL's targets by random factors at this uniform keep (speed only)")
+    b.add_argument("--batch", type=int, default=1, help=flags.helptext("sequences decoded at once", 1))
+    b.add_argument("--prompt-len", type=int, default=128, help=flags.helptext("prompt tokens (prefill)", 128))
+    b.add_argument("--new-tokens", type=int, default=256, help=flags.helptext("tokens decoded and timed", 256))
+    b.add_argument("--repeats", type=int, default=3, help=flags.helptext("timed repetitions (median reported)", 3))
+    b.add_argument("--layers", type=int, help=flags.helptext("random:SHAPE only: number of blocks",
+                                                             default_text="the shape's"))
+    flags.add_dtype(b, "weights and activations", default="bfloat16", choices=["float16", "bfloat16"])
+    flags.add_device(b, "cuda, cuda:N, or cpu (a functional run: no CUDA graph, no speed prediction)", default="cuda")
+    b.add_argument("--no-fuse", action="store_true", help="do not fuse q/k/v and gate/up projections")
+    b.add_argument("--no-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph")
+    b.add_argument("--json", metavar="FILE", help="write all figures as JSON here")
+    flags.add_quiet(b)
+    return b
+
+
+def run(args: argparse.Namespace) -> int:
+    from rankcut.bench.run import bench, check_args, check_spec, format_table
+    from rankcut.utils import parse_dtype
+
+    check_args(args.batch, args.prompt_len, args.new_tokens, args.repeats, args.random_lowrank)
+    for spec in [args.model] + ([args.compare] if args.compare else []):
+        check_spec(spec)
+    result = bench(args.model, compare=args.compare, random_lowrank=args.random_lowrank, batch=args.batch,
+                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                   dtype=parse_dtype(args.dtype), device=args.device, fuse=not args.no_fuse,
+                   use_graph=False if args.no_graph else None, layers=args.layers, progress=not args.quiet)
+    result.update(report.invocation(args.argv, args.device))
+    print(format_table(result))
+    report.write_json(args.json, result)
+    return 0
