@@ -217,6 +217,7 @@ class Compression(Visitor):
         missing = set(self.infos) - set(self.unit_of)
         if missing:
             raise ValueError(f"method {self.spec.name!r} left target(s) {sorted(missing)[:3]} out of its units")
+        policy.check_targets(list(self.infos))
         self.pending: dict[Unit, dict[str, tuple[nn.Module, torch.Tensor | None]]] = {}
         self.held: dict[Unit, tuple[Candidate, dict[str, nn.Module]]] = {}
         self.fixed: dict[Unit, Decision] = {}

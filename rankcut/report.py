@@ -274,3 +274,15 @@ def markdown_report(output: dict) -> str:
     if output.get("fidelity"):
         parts += ["## Embedding fidelity", "", fidelity_table(output["fidelity"], label), ""]
     return "\n".join(parts)
+
+
+def sensitivity_table(result) -> str:
+    """Per target: the measured scores at each rank (``rankcut sensitivity``)."""
+    score = result.settings["settings"]["score"]
+    lines = [f"{'target':<44} {'shape':>10}  {score} at rank"]
+    for name, c in result.curves.items():
+        cells = "  ".join(f"{r}:{s:.3g}" for r, s in zip(c["ranks"], c["scores"]))
+        lines.append(f"{name:<44} {c['shape'][0]:>4}x{c['shape'][1]:<5}  {cells}")
+    if result.dense_loss is not None:
+        lines.append(f"dense next-token loss on the scoring windows: {result.dense_loss:.4f}")
+    return "\n".join(lines)

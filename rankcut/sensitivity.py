@@ -364,3 +364,68 @@ def check_matches(result: SensitivityResult, model: nn.Module, config: CompressC
     if differ:
         raise ValueError("the sensitivity measurement was made with other settings: " +
                          "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ))
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def write_figures(result: SensitivityResult, directory: str | os.PathLike) -> list[Path]:
+    """``sensitivity_heatmap.png`` (layer × tensor type: the score at the middle measured rank, log colour) and
+    ``sensitivity_curves.png`` (score against the kept fraction of each target's parameters, per tensor type)."""
+    from rankcut.plots import _pyplot
+
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    directory = Path(directory)
+    curves = result.curves
+    kinds = sorted({c["kind"] for c in curves.values()})
+    blocks = sorted({c["block"] for c in curves.values() if c["block"] is not None})
+    fraction = result.settings["settings"]["fractions"][len(result.settings["settings"]["fractions"]) // 2]
+    grid = torch.full((len(blocks), len(kinds)), float("nan"))
+    for c in curves.values():
+        if c["block"] is None:
+            continue
+        target = max(1, round(fraction * c["limit"]))
+        grid[blocks.index(c["block"]), kinds.index(c["kind"])] = max(
+            1e-12, next((s for r, s in zip(c["ranks"], c["scores"]) if r >= target), c["scores"][-1]))
+    score = result.settings["settings"]["score"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(kinds) + 2.5, 0.42 * len(blocks) + 2.0))
+    finite = grid[torch.isfinite(grid)]
+    norm = LogNorm(vmin=float(finite.min()), vmax=float(finite.max())) if finite.numel() else None
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", norm=norm)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=8)
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label=f"{score} at rank ≈ {fraction:g} × largest useful rank")
+    ax.set_title("cost of truncating one target alone", fontsize=10)
+    fig.tight_layout()
+    heat = directory / "sensitivity_heatmap.png"
+    fig.savefig(heat, dpi=110)
+    plt.close(fig)
+    cols = min(4, len(kinds))
+    rows = -(-len(kinds) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, 3.0 * rows + 0.8), squeeze=False)
+    flat = [a for row in axes for a in row]
+    cmap = plt.get_cmap("viridis")
+    for ax, kind in zip(flat, kinds):
+        members = [c for c in curves.values() if c["kind"] == kind]
+        for i, c in enumerate(members):
+            m, n = c["shape"]
+            keep = [p / (m * n) for p in c["params"]]
+            ax.semilogy(keep, [max(s, 1e-9) for s in c["scores"]], "-o", ms=2, lw=1,
+                        color=cmap(i / max(1, len(members) - 1)), label=f"layer {c['block']}")
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("kept fraction of the target's parameters", fontsize=8)
+        ax.set_ylabel(score, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in flat[len(kinds):]:
+        ax.set_visible(False)
+    if flat:
+        flat[0].legend(fontsize=6)
+    fig.suptitle(f"measured sensitivity ({score} on {result.settings['scoring_windows'][0]} scoring windows)", fontsize=10)
+    fig.tight_layout()
+    path = directory / "sensitivity_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [heat, path]

@@ -195,7 +195,7 @@ def test_options_become_the_method_dataclass():
 
 
 def test_allocation_names_a_registered_policy():
-    with pytest.raises(ValueError, match=r"unknown allocation 'magic'; choose one of energy, rank, .*uniform"):
+    with pytest.raises(ValueError, match=r"unknown allocation 'magic'; choose one of energy, plan, rank, .*uniform"):
         CompressConfig(allocation="magic")
     with pytest.raises(ValueError, match=r"allocation uniform takes keep"):
         CompressConfig(allocation="uniform", rank=4)

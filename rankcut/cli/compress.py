@@ -29,6 +29,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     alloc.add_argument("--energy", type=float,
                        help="per target, the smallest rank holding this fraction of the spectral energy, in (0, 1]")
     alloc.add_argument("--rank", type=int, help="the same rank for every target (>= 1)")
+    alloc.add_argument("--speedup", type=float, help="budget of a global --allocation as a predicted batch-1 decode "
+                       "speedup (> 1) of the whole model (the roofline cost model of an H200 in bf16)")
+    from rankcut.policies import available_policies
+
+    p.add_argument("--allocation", choices=[a for a in available_policies() if a != "plan"], help=flags.helptext(
+        "allocation policy: uniform (--keep), energy, rank, or the global spectrum (no extra forward pass) and "
+        "sensitivity (measured, --sensitivity DIR)", default_text="from --keep/--energy/--rank: uniform, energy, rank"))
+    p.add_argument("--sensitivity", metavar="DIR", help="with --allocation sensitivity: the measurement written by "
+                   "rankcut sensitivity (checked to be of this model and these settings)")
+    p.add_argument("--plan", metavar="FILE", help="apply a plan.json from rankcut search (ranks per target) as it is")
+    p.add_argument("--rank-multiple", type=int, help=flags.helptext(
+        "global allocations: ranks are multiples of this (the kernels' and cuBLAS's fast paths)", 8))
     flags.add_targets(p)
     flags.add_overrides(p)
     flags.add_method_options(p)
@@ -65,14 +77,62 @@ def source_dtype(spec: str):
         return None
 
 
+def allocation_flags(args: argparse.Namespace):
+    """``(allocation, policy_options, context, model digest a plan expects)`` from --allocation, --sensitivity,
+    --plan and --rank-multiple; the files are read (and refused when they are not what they claim) before any
+    model is loaded."""
+    import json
+
+    from rankcut.cli import CLIError
+
+    allocation, options, context, digest = args.allocation, {}, {}, None
+    if args.plan:
+        if allocation is not None or any(getattr(args, k) is not None for k in ("keep", "energy", "rank", "speedup")):
+            raise CLIError("--plan gives every target's rank: it takes no --allocation, --keep, --energy, --rank or --speedup")
+        try:
+            plan = json.loads(Path(args.plan).read_text())
+            ranks, digest = plan["ranks"], plan.get("model")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CLIError(f"--plan {args.plan}: not a rankcut plan ({err})") from None
+        return "plan", {"ranks": ranks, "model": digest, "source": str(args.plan)}, {}, digest
+    if args.sensitivity:
+        if allocation not in (None, "sensitivity"):
+            raise CLIError("--sensitivity applies to --allocation sensitivity")
+        from rankcut.sensitivity import load_sensitivity
+
+        allocation = "sensitivity"
+        context["sensitivity"] = load_sensitivity(args.sensitivity)
+        options["key"] = context["sensitivity"].key
+    elif allocation == "sensitivity":
+        raise CLIError("--allocation sensitivity needs --sensitivity DIR (measure it with rankcut sensitivity)")
+    if args.rank_multiple is not None:
+        if allocation not in ("spectrum", "sensitivity"):
+            raise CLIError("--rank-multiple applies to the global allocations (spectrum, sensitivity)")
+        options["rank_multiple"] = args.rank_multiple
+    return allocation, options, context, digest
+
+
+def check_measurements(model, config, context: dict, expected_model: str | None) -> None:
+    """A sensitivity measurement or a plan must be of this model (its weights) and these settings."""
+    if expected_model is not None or "sensitivity" in context:
+        from rankcut.sensitivity import check_matches, model_digest
+
+        if expected_model is not None and expected_model != model_digest(model):
+            raise ValueError("the plan was made for another model (its weights differ)")
+        if "sensitivity" in context:
+            check_matches(context["sensitivity"], model, config)
+
+
 def run(args: argparse.Namespace) -> int:
     from rankcut import compress_, save
     from rankcut.hf import load_any, looks_local
     from rankcut.io import check_output, checkpoint_bytes
     from rankcut.utils import dtype_name, parse_dtype, resolve_device
 
+    allocation, policy_options, context, expected_model = allocation_flags(args)
     config = flags.compress_config(args, method=args.method, options=flags.method_options(args, args.method),
-                                   keep=args.keep, energy=args.energy, rank=args.rank, sequential=args.sequential)
+                                   keep=args.keep, energy=args.energy, rank=args.rank, speedup=args.speedup,
+                                   allocation=allocation, policy_options=policy_options, sequential=args.sequential)
     output = Path(args.output)
     check_output(output, args.overwrite, flag="--overwrite")  # before any work: fail fast, write nothing
     flags.check_sources(calib=args.calib)
@@ -81,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
     check_inputs(config, args.calib)
     device = resolve_device(args.device)
     model, tokenizer = load_any(args.model, flags.compute_dtype(args.dtype, device))
-    summary = compress_(model, config, calib=args.calib, tokenizer=tokenizer, device=device, progress=not args.quiet)
+    check_measurements(model, config, context, expected_model)
+    summary = compress_(model, config, calib=args.calib, tokenizer=tokenizer, device=device, progress=not args.quiet,
+                        context=context)
     print(summary.table())
     computed = next(p.dtype for p in model.parameters() if p.is_floating_point())
     source = source_dtype(args.model)

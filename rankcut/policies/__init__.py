@@ -25,6 +25,7 @@ from rankcut.policies.base import (  # noqa: F401
     register_policy,
 )
 import rankcut.policies.energy  # noqa: E402,F401  (importing the policy modules registers them)
+import rankcut.policies.plan  # noqa: E402,F401
 import rankcut.policies.rank  # noqa: E402,F401
 import rankcut.policies.sensitivity  # noqa: E402,F401
 import rankcut.policies.spectrum  # noqa: E402,F401

@@ -42,6 +42,10 @@ class Policy:
                              f"(its options: {', '.join(sorted(names))})")
         return dataclasses.asdict(cls.options_cls(**options))
 
+    def check_targets(self, names: list[str]) -> None:
+        """Called once with every target's name before anything is decomposed (a plan for other targets fails
+        here, before any work)."""
+
     def bound(self, unit: Unit) -> int | Decision:
         """The largest rank this policy may choose for ``unit`` (decompose that far), or a decision already."""
         if unit.limit < 1:

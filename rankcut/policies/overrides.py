@@ -59,6 +59,9 @@ class Overrides(Policy):
             raise ValueError(f"overrides give different rules to the targets of one group ({unit.name}): {rules}")
         return None if rules[0] is None else rule_policy(rules[0])
 
+    def check_targets(self, names: list[str]) -> None:
+        self.base.check_targets(names)
+
     def overridden(self, unit: Unit) -> bool:
         return self._rule(unit) is not None
 
