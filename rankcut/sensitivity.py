@@ -154,7 +154,7 @@ def scoring_windows(calib, tokenizer, config: CompressConfig, seq_len: int, n: i
     return chunks[[free[i] for i in pick.tolist()]].clone()
 
 
-class _Collector(Visitor):
+class CandidateCollector(Visitor):
     """Decomposes every target at its largest useful rank and keeps the compact candidates (no swap)."""
 
     def __init__(self, config: CompressConfig, infos: dict, device: torch.device, timer: Timer) -> None:
@@ -263,7 +263,7 @@ def measure_sensitivity(model: nn.Module, tokenizer, calib, config: CompressConf
                 return previous
             result = previous
             log.warning("resuming the sensitivity measurement in %s (%d targets done)", output, len(result.curves))
-    collector = _Collector(config, {i.name: i for i in target_infos(model, targets)}, device, timer)
+    collector = CandidateCollector(config, {i.name: i for i in target_infos(model, targets)}, device, timer)
     run_blocks(model, dict(targets), windows, collector, device=device, batch_size=config.batch_size,
                layerwise=config.layerwise, progress=progress, timer=timer)
     home = next(model.parameters()).device

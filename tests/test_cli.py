@@ -233,7 +233,7 @@ def test_every_flag_has_help_with_its_default():
     default."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"compress", "eval", "analyze", "sensitivity", "sweep", "recover", "bench"}
+    assert set(sub.choices) == {"compress", "eval", "analyze", "sensitivity", "search", "sweep", "recover", "bench"}
     for name, p in sub.choices.items():
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):
@@ -395,6 +395,18 @@ def test_bad_eval_inputs(files, checkpoint, tmp_path, capsys):
     json_out = tmp_path / "r.json"
     run_error(capsys, ["eval", str(broken), "--ppl", str(files["heldout"]), "--json", str(json_out), "--quiet"],
               "corrupted")
+    assert not json_out.exists()
+
+
+def test_binary_ppl_file_is_an_error(files, checkpoint, tmp_path, capsys):
+    """New-user item 2: a binary --ppl file (the checkpoint's own .safetensors) is an error, not decoded with
+    replacement characters and evaluated; so is a file that is not UTF-8."""
+    json_out = tmp_path / "r.json"
+    run_error(capsys, ["eval", str(checkpoint), "--ppl", str(checkpoint / "model.safetensors"), "--json",
+                       str(json_out), "--quiet"], "is not a text file (it holds NUL bytes")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    run_error(capsys, ["eval", str(checkpoint), "--ppl", str(latin), "--quiet"], "is not UTF-8 text (invalid byte at offset 3)")
     assert not json_out.exists()
 
 

@@ -16,7 +16,7 @@ import re
 import sys
 
 #: The subcommand modules of this package, in the order ``rankcut --help`` lists them.
-SUBCOMMANDS = ("compress", "evaluate", "analyze", "sensitivity", "sweep", "recover", "bench")
+SUBCOMMANDS = ("compress", "evaluate", "analyze", "sensitivity", "search", "sweep", "recover", "bench")
 
 
 class CLIError(ValueError):

@@ -205,8 +205,8 @@ def compress_config(args: argparse.Namespace, **fixed):
     """A CompressConfig from the flags shared by ``compress`` and ``sweep`` (plus ``fixed``); validated by it."""
     from rankcut.config import CompressConfig
 
-    return CompressConfig(overrides=dict(parse_override(o) for o in args.override), include=args.include,
-                          exclude=args.exclude, layerwise=not args.full_model,
+    return CompressConfig(overrides=dict(parse_override(o) for o in getattr(args, "override", [])),
+                          include=args.include, exclude=args.exclude, layerwise=not getattr(args, "full_model", False),
                           **{k: getattr(args, k) for k in CALIBRATION_HELP}, **fixed)
 
 

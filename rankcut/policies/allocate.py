@@ -59,7 +59,7 @@ def check_feasible(curves: list[Curve], budget: float) -> None:
     """Raise ValueError when even the smallest option of every unit overspends ``budget``."""
     need = sum(c.cheapest for c in curves)
     if need > budget * (1 + 1e-12):
-        raise ValueError(f"the budget cannot be met: the smallest allocation (every unit at its lowest rank) needs "
+        raise ValueError(f"the budget cannot be met: the smallest allocation (every unit at its least costly option) needs "
                          f"{need:,.6g}, the budget is {budget:,.6g}")
 
 
