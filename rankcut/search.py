@@ -211,7 +211,8 @@ def search(model: nn.Module, tokenizer, calib, dev, config: CompressConfig, sett
 
     with timer("evaluation"):
         dense_ppl = evaluate(model)
-    configs = structured_configs(infos, limits, settings, blocks)
+    configs = [{"family": "dense", "ranks": {i.name: None for i in infos}}]  # the baseline every plan must beat
+    configs += structured_configs(infos, limits, settings, blocks)
     allocation = config.allocation if config.allocation not in ("uniform", None) else "spectrum"
     for keep in settings.keeps:
         cfg = dataclasses.replace(config, allocation=allocation, keep=keep, energy=None, rank=None, speedup=None)
@@ -291,9 +292,11 @@ def verify_plan(model, tokenizer, dev, config: CompressConfig, ranks: dict, stat
     cfg = dataclasses.replace(config, allocation="plan", keep=None, energy=None, rank=None, speedup=None,
                               policy_options={"ranks": ranks})
     summary = compress_with_stats_(work, cfg, stats, device, False, calib, 0 if windows is None else windows.numel())
-    if store_dtype is not None:
-        original = next(p.dtype for p in work.parameters() if p.is_floating_point())
-        work.to(store_dtype).to(original)
+    if store_dtype is not None:  # the parameters as the checkpoint stores them (buffers such as rotary
+        with torch.no_grad():     # frequencies are not stored: they stay as computed)
+            for param in work.parameters():
+                if param.is_floating_point():
+                    param.data = param.data.to(store_dtype).to(param.dtype)
     ppl = perplexity(work, tokenizer, dev, dev_len, settings.dev_windows, settings.batch_size, device, False)
     return {"dev_ppl": ppl, "keep_targets": summary.keep_targets, "keep_model": summary.keep_model}
 
@@ -315,6 +318,8 @@ def write_search(result: dict, output: str | os.PathLike) -> list[Path]:
 
 
 def _describe(c: dict) -> str:
+    if c["family"] == "dense":
+        return "dense (nothing decomposed)"
     if "keep" in c:
         return f"{c['family']}, keep {c['keep']:g}"
     return f"{c['family']}: rank {c['pruned_rank']:g}, {c['tensors']}, layers {c['layers']}"
@@ -353,7 +358,7 @@ def plot_search(result: dict, path: Path) -> Path:
     obj = result["settings"]["objective"]
     dense = result["dense"]["predicted"][obj]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    styles = {"structured": ("o", "tab:gray"), "seed-recipe": ("s", "tab:red")}
+    styles = {"structured": ("o", "tab:gray"), "seed-recipe": ("s", "tab:red"), "dense": ("D", "k")}
     for family in sorted({c["family"] for c in result["configurations"]}):
         pts = [c for c in result["configurations"] if c["family"] == family]
         marker, colour = styles.get(family, ("^", "tab:blue"))
@@ -366,6 +371,8 @@ def plot_search(result: dict, path: Path) -> Path:
                edgecolor="k", zorder=5, label="best (verified)")
     ax.axvline(100 * result["settings"]["tau"], color="tab:green", ls="--", lw=1, label="τ")
     ax.set_xscale("symlog", linthresh=1)
+    lowest = min(100 * c["increase"] for c in result["configurations"])
+    ax.set_xlim(left=min(-1.0, 1.2 * lowest))
     ax.set_xlabel("dev perplexity increase over dense (%)")
     ax.set_ylabel(f"{obj} relative to dense (cost model)")
     ax.grid(True, alpha=0.3)

@@ -7,7 +7,10 @@ evaluation text; by default windows that the statistics did not use):
 
 - ``kl`` (default): the mean over tokens of KL(dense ‖ truncated) of the next-token distributions: it measures
   how far the model moves, on every token and every vocabulary entry, not only on the observed next token;
-- ``loss``: the increase of the mean next-token loss.
+- ``loss``: the increase of the mean next-token loss;
+- ``fisher``: the KL(dense ‖ truncated) *predicted* to second order, for every rank at once, from one forward
+  and backward pass per batch (:func:`fisher_curves`): no forward pass per (target, rank), so it scales to
+  large models.
 
 Results are cached in a directory, keyed by the model's weights (SHA-256), the calibration and scoring tokens
 and every setting; a cache made for anything else is never reused (:func:`load_sensitivity` says what differs),
@@ -43,8 +46,8 @@ from rankcut.utils import Timer, default_seq_len, resolve_device
 log = logging.getLogger(__name__)
 
 RESULT = "sensitivity.json"
-SCORES = ("kl", "loss")
-DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+SCORES = ("fisher", "kl", "loss")
+DEFAULT_FRACTIONS = (0.5,)  # one point per target: the sensitivity policy's spectrum prior gives the shape
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ class SensitivitySettings:
     """What a measurement depends on besides the model and the text (all of it is in the cache key).
 
     Attributes:
-        fractions: ranks measured, as fractions of each target's largest useful rank (rounded to ``rank_multiple``).
-        score: ``kl`` or ``loss``.
+        fractions: ranks measured, as fractions of each target's largest useful rank (rounded to ``rank_multiple``);
+            ``fisher`` scores every multiple of ``rank_multiple`` instead (it costs the same).
+        score: ``fisher``, ``kl`` or ``loss``.
         windows, seq_len: scoring windows (``seq_len`` None: the calibration window length).
         seed: draws the scoring windows among the calibration text's windows that calibration did not use.
         rank_multiple: ranks are rounded to multiples of this (as the allocator offers them).
@@ -208,6 +212,66 @@ def _score(model, windows, batch_size, device, dense_logp=None):
     return total_loss / count, (None if dense_logp is None else total_kl / count), keep
 
 
+def fisher_curves(model: nn.Module, candidates: dict, windows: torch.Tensor, batch_size: int, device,
+                  seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Second-order predicted KL(dense ‖ truncated) of each target alone, at every rank of its candidate.
+
+    Truncating a target to rank r changes its output by ``δy = Σ_{i≥r} u_i (v_i · x)`` (``U``, ``V`` the
+    candidate's factors, ordered by singular value). With ``g = ∂ log p(y)/∂ output`` for next tokens ``y``
+    *sampled from the dense model*, ``E[g gᵀ]`` is the Fisher matrix of KL(dense ‖ ·) at the dense model, so
+    ``KL ≈ ½ E[(gᵀ δy)²]``, estimated per token: ``½ mean_t (Σ_{i≥r} (g_t·u_i)(v_i·x_t))²`` — suffix sums give
+    every r in one pass. (Cross-token terms of the per-sequence Fisher are dropped: the per-token form.)
+
+    Returns:
+        ``{name: c}`` with ``c[r]`` the prediction at rank r (``c[max_rank]`` the residual beyond the candidate).
+    """
+    targets = {name: model.get_submodule(name) for name in candidates}
+    store: dict = {}
+    sums = {name: None for name in targets}
+    hooks = []
+
+    def hook(name):
+        def forward(module, args, out):
+            store[name] = [args[0].detach()]
+            out.register_hook(lambda grad: store[name].append(grad.detach()))
+        return forward
+
+    for name, module in targets.items():
+        hooks.append(module.register_forward_hook(hook(name)))
+    embeddings = model.get_input_embeddings()
+    hooks.append(embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True)))
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = 0
+    try:
+        for ids in tqdm(list(batches(windows, batch_size)), desc="fisher", disable=not progress):
+            ids = ids.to(device)
+            store.clear()
+            with torch.enable_grad():
+                logp = F.log_softmax(model(**model_inputs(model, ids)).logits.float(), -1)
+                flat = logp.reshape(-1, logp.shape[-1])
+                sampled = torch.multinomial(flat.detach().exp().cpu(), 1, generator=gen).to(device)
+                flat.gather(-1, sampled).sum().backward()
+            tokens += ids.numel()
+            with torch.no_grad():
+                for name, cand in candidates.items():
+                    x, g = store[name]
+                    U, V = cand.U.to(device, torch.float64), cand.V.to(device, torch.float64)
+                    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                    g = g.reshape(-1, g.shape[-1]).to(torch.float64)
+                    c = (g @ U) * (x @ V.mT)
+                    tail = (c.flip(1).cumsum(1).flip(1) ** 2).sum(0).cpu()
+                    sums[name] = tail if sums[name] is None else sums[name] + tail
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return {name: torch.cat([0.5 * s / tokens, s.new_zeros(1)]) for name, s in sums.items()}
+
+
 def measure_sensitivity(model: nn.Module, tokenizer, calib, config: CompressConfig, settings: SensitivitySettings
                         | None = None, *, output: str | os.PathLike | None = None, device=None,
                         progress: bool = True) -> SensitivityResult:
@@ -275,6 +339,19 @@ def measure_sensitivity(model: nn.Module, tokenizer, calib, config: CompressConf
             dense_loss, _, dense_logp = _score(model, score_windows, settings.batch_size, device)
             result.dense_loss = dense_loss
             todo = [(name, unit, cand) for name, (unit, cand) in collector.candidates.items() if name not in result.curves]
+            if settings.score == "fisher" and todo:
+                predicted = fisher_curves(model, {n: c for n, (_, c) in collector.candidates.items()}, score_windows,
+                                          settings.batch_size, device, settings.seed, progress)
+                for name, unit, cand in todo:
+                    m, n = unit.targets[0].shape
+                    full = predicted[name]
+                    ranks = list(range(settings.rank_multiple, unit.limit + 1, settings.rank_multiple)) or \
+                        list(range(1, unit.limit + 1))
+                    result.curves[name] = {"ranks": ranks, "params": [r * (m + n) for r in ranks],
+                                           "scores": [float(full[r]) for r in ranks], "loss_increase": None,
+                                           "limit": unit.limit, "shape": [m, n], "block": unit.targets[0].block,
+                                           "kind": unit.targets[0].kind}
+                todo = []
             bar = tqdm(total=sum(len(_grid(u.limit, settings.fractions, settings.rank_multiple)) for _, u, _ in todo),
                        desc="sensitivity", disable=not progress)
             for name, unit, cand in todo:
@@ -379,7 +456,7 @@ def write_figures(result: SensitivityResult, directory: str | os.PathLike) -> li
 
     directory = Path(directory)
     curves = result.curves
-    kinds = sorted({c["kind"] for c in curves.values()})
+    kinds = list(dict.fromkeys(c["kind"] for c in curves.values()))  # in model order
     blocks = sorted({c["block"] for c in curves.values() if c["block"] is not None})
     fraction = result.settings["settings"]["fractions"][len(result.settings["settings"]["fractions"]) // 2]
     grid = torch.full((len(blocks), len(kinds)), float("nan"))
@@ -389,7 +466,8 @@ def write_figures(result: SensitivityResult, directory: str | os.PathLike) -> li
         target = max(1, round(fraction * c["limit"]))
         grid[blocks.index(c["block"]), kinds.index(c["kind"])] = max(
             1e-12, next((s for r, s in zip(c["ranks"], c["scores"]) if r >= target), c["scores"][-1]))
-    score = result.settings["settings"]["score"]
+    score = {"kl": "KL(dense ‖ truncated)", "loss": "loss increase", "fisher": "predicted KL"}[
+        result.settings["settings"]["score"]]
     fig, ax = plt.subplots(figsize=(1.2 * len(kinds) + 2.5, 0.42 * len(blocks) + 2.0))
     finite = grid[torch.isfinite(grid)]
     norm = LogNorm(vmin=float(finite.min()), vmax=float(finite.max())) if finite.numel() else None
@@ -397,7 +475,7 @@ def write_figures(result: SensitivityResult, directory: str | os.PathLike) -> li
     ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=8)
     ax.set_ylabel("layer")
-    fig.colorbar(image, ax=ax, label=f"{score} at rank ≈ {fraction:g} × largest useful rank")
+    fig.colorbar(image, ax=ax, label=f"{score}\nat rank ≈ {fraction:g} × largest useful")
     ax.set_title("cost of truncating one target alone", fontsize=10)
     fig.tight_layout()
     heat = directory / "sensitivity_heatmap.png"

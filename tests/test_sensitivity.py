@@ -184,7 +184,7 @@ def test_search_returns_a_verified_front_and_a_plan_compress_reproduces(tmp_path
     model = llama()
     cfg = CompressConfig(method="whiten", calib_samples=8, seq_len=16, batch_size=8)
     settings = SearchSettings(tau=0.05, dev_windows=8, keeps=(0.9, 0.7), verify=2)
-    result = search(model, tok, [text], dev, cfg, settings, progress=False)
+    result = search(model, tok, [text], dev, cfg, settings, progress=False, store_dtype=torch.float16)
     files = write_search(result, tmp_path / "s")
     best = result["configurations"][result["best"]]
     assert best["verified"]["feasible"] and best["verified"]["increase"] <= 0.05
@@ -199,6 +199,11 @@ def test_search_returns_a_verified_front_and_a_plan_compress_reproduces(tmp_path
     again = llama()
     compress_(again, CompressConfig(method="whiten", calib_samples=8, seq_len=16, batch_size=8, allocation="plan",
                                     policy_options={"ranks": plan["ranks"]}), calib=[text], tokenizer=tok, progress=False)
+    if rankcut.modules.rankcut_modules(again):  # through a float16 checkpoint, as verified
+        again = rankcut.load(rankcut.save(again, tmp_path / "ck", dtype="float16"), dtype=torch.float32)
+    else:
+        for param in again.parameters():
+            param.data = param.data.half().float()
     ppl = rankcut.perplexity(again, tok, dev, 16, 8, 8, progress=False)
     assert ppl == best["verified"]["dev_ppl"]
 
@@ -242,3 +247,49 @@ def test_cli_sensitivity_then_compress_and_plan_errors(tmp_path, capsys):
     assert set(json.loads((tmp_path / "z" / "rankcut.json").read_text())["targets"]) == set(names)
     assert main(["search", str(model_dir), *common, "--dev", str(calib), "--tau", "0", "-o", str(tmp_path / "s")]) == 2
     assert "tau must be a number > 0" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_spectrum_prior_scales_the_spectral_shape_by_the_measured_point():
+    """cost(r) = λ ρ(r) with ρ the relative truncation loss and λ = KL(r0)/ρ(r0): the curve passes through the
+    measured point and has the spectrum's shape everywhere else."""
+    from rankcut.policies.sensitivity import spectral_scale
+    from rankcut.units import Candidate, TargetInfo, Unit
+
+    unit = Unit((TargetInfo("t", (40, 60)),))
+    S = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    cand = Candidate(unit, 5, S, float((S ** 2).sum()))
+    rel = lambda r: cand.truncation_loss(r) / cand.total  # noqa: E731
+    lam = spectral_scale([0.3], [2], cand)
+    assert lam * rel(2) == pytest.approx(0.3)
+    two = spectral_scale([0.3, 0.12], [2, 3], cand)  # two points: the geometric mean of the two ratios
+    assert two == pytest.approx(((0.3 / rel(2)) * (0.12 / rel(3))) ** 0.5)
+    assert spectral_scale([0.0], [2], cand) == 0.0
+
+
+def test_prior_none_needs_a_measured_curve(measured):
+    _, result = measured  # three fractions: a curve
+    CompressConfig(method="whiten", allocation="sensitivity", calib_samples=8, seq_len=16,
+                   policy_options={"prior": "none"})
+    single = measure_sensitivity(llama(), None, CALIB, CONFIG, dataclasses.replace(SETTINGS, fractions=(0.5,)),
+                                 progress=False)
+    with pytest.raises(ValueError, match="prior 'none' uses the measured curve alone"):
+        compress_(llama(), CompressConfig(method="whiten", allocation="sensitivity", calib_samples=8, seq_len=16,
+                                          policy_options={"prior": "none"}),
+                  calib=CALIB, context={"sensitivity": single}, progress=False)
+    with pytest.raises(ValueError, match="prior must be one of spectrum, none"):
+        CompressConfig(method="whiten", allocation="sensitivity", policy_options={"prior": "flat"})
+
+
+def test_fisher_score_predicts_the_measured_kl():
+    """The second-order prediction is close to the measured single-target KL where the truncation is small."""
+    kl = measure_sensitivity(llama(), None, token_windows(60, seed=3), CONFIG,
+                             dataclasses.replace(SETTINGS, windows=40, fractions=(0.5, 1.0), rank_multiple=1),
+                             progress=False)
+    fisher = measure_sensitivity(llama(), None, token_windows(60, seed=3), CONFIG,
+                                 dataclasses.replace(SETTINGS, windows=40, score="fisher", rank_multiple=1),
+                                 progress=False)
+    pairs = [(s, fisher.cost(n, r)) for n, c in kl.curves.items() for r, s in zip(c["ranks"], c["scores"]) if s > 1e-5]
+    assert len(pairs) >= 5
+    ratios = sorted(f / s for s, f in pairs)
+    assert 0.3 < ratios[len(ratios) // 2] < 3  # the median prediction is within a factor 3 of the measurement
+    assert all(len(c["ranks"]) == c["limit"] for c in fisher.curves.values())  # every rank scored

@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         files = write_search(result, staging)
     print((output / "search.md").read_text())
     best = result["configurations"][result["best"]]
+    if best["family"] == "dense":
+        print(f"no decomposition lowers the {args.objective} within tau {args.tau:g}: the best configuration is the "
+              f"dense model (plan.json keeps every target dense); search {result['times']['total']:.0f} s")
+        return 0
     print(f"best within tau {args.tau:g}: {best['family']}, verified dev perplexity {best['verified']['dev_ppl']:.4f} "
           f"({best['verified']['increase']:+.2%}); plan: {output / 'plan.json'} "
           f"(rankcut compress {args.model} --plan {output / 'plan.json'} --calib ...); search {result['times']['total']:.0f} s")
