@@ -1,5 +1,6 @@
 """Time ``rankcut.sensitivity.measure_sensitivity`` on a Llama-2-7B-shaped model (random bf16 weights: the time
-is real, the scores are not), as issue 11 asks. Not run yet: no GPU was lent after the code was written.
+is real, the scores are not), as issue 11 asks. With ``--output`` the measurement is cached and resumable, and the
+progress bar (stderr) shows the rate per target, so a run cut off by a time limit still says how far it got.
 
     PYTHONPATH=$PWD python3 benchmarks/gpu_sensitivity_7b.py --samples 256 --seq-len 2048 --score-windows 32 \\
         --json OUT/gpu_sensitivity_7b.json
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--score-windows", type=int, default=32)
     p.add_argument("--score", default="kl", choices=["kl", "fisher", "loss"])
     p.add_argument("--fractions", default="0.5")
+    p.add_argument("--output", help="sensitivity cache directory (resumable)")
     p.add_argument("--json")
     args = p.parse_args()
     model = build_random_model(args.layers, torch.bfloat16, 0)
@@ -39,7 +41,8 @@ def main() -> None:
     settings = SensitivitySettings(fractions=tuple(float(f) for f in args.fractions.split(",")), score=args.score,
                                    windows=args.score_windows, batch_size=4)
     start = time.perf_counter()
-    result = measure_sensitivity(model, None, calib, config, settings, device="cuda", progress=False)
+    result = measure_sensitivity(model, None, calib, config, settings, device="cuda", progress=True,
+                                 output=args.output)
     wall = time.perf_counter() - start
     out = {"command": " ".join(["python3", *sys.argv]), "environment": environment(), "wall_s": wall,
            "times": result.times, "targets": len(result.curves), "settings": result.settings["settings"],

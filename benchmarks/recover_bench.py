@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--test-windows", type=int, default=400, help="held-out test windows of 256 tokens")
     parser.add_argument("--dev-windows", type=int, default=64, help="dev windows of 256 tokens")
     parser.add_argument("--dev-from", type=int, default=2_000_000, help="the dev part starts at this character")
+    parser.add_argument("--compress-args", default="", help="extra `rankcut compress` flags for the starting "
+                        "checkpoints, e.g. '--allocation sensitivity --sensitivity DIR' (allocated starts)")
     parser.add_argument("--json", default="benchmarks/results/recover.json")
     parser.add_argument("--render", action="store_true", help="only print the Markdown tables of an existing --json")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only merge the grids of these runs into --json")
@@ -184,7 +186,7 @@ def main() -> None:
     results = {"dense": {"ppl": test, "dev": dev_ppl, "params": model.num_parameters()}, "starts": {}, "points": []}
     modes = [tuple(m.split("+")) for m in args.modes]
     compress = ["--method", "whiten", "--calib", calib, "--calib-samples", "32", "--seq-len", str(SEQ),
-                "--sampling", "first", *where, "--quiet", "--overwrite"]
+                "--sampling", "first", *where, *shlex.split(args.compress_args), "--quiet", "--overwrite"]
     grow_keep = {k: math.floor(keep_for_growth(shapes, k, args.lora_rank) * 1e4) / 1e4 for k in args.keep}
     for k in sorted(set(args.keep) | ({grow_keep[k] for k in args.keep} if any(m == "grow" for m, _ in modes) else set())):
         path = str(out / f"whiten_{k}")

@@ -4,7 +4,9 @@ Two modes (the training loop is :mod:`rankcut.train`):
 
 - ``factors`` (mode a): PEFT LoRA (Hu et al. 2021, arXiv:2106.09685) on each factor ``nn.Linear`` (``U`` and
   ``V``) of every :class:`~rankcut.modules.LowRankLinear`, merged back into the factors: ranks, shapes and
-  speed are unchanged.
+  speed are unchanged. Layers with factors shared across layers (:mod:`rankcut.modules.shared`) get LoRA on
+  their own factors only (the per-layer coefficients or cores); with ``train_shared`` the shared factors are
+  trained directly, as one parameter that every layer using it sends gradient to, so the ties survive.
 - ``grow`` (mode b): a residual adapter ``y = U V x + s·B A x`` on the whole layer, merged by concatenating
   the factors, ``U' = [U, s·B]``, ``V' = [V; A]``: the rank grows by the adapter rank.
 
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rankcut.modules import LowRankLinear, low_rank_modules
+from rankcut.modules import LowRankLinear, low_rank_modules, rankcut_modules
 from rankcut.linalg import break_even_rank, split_factors, truncated_svd
 from rankcut.methods import get_method
 from rankcut.targets import get_submodule_parent
@@ -140,9 +142,10 @@ def attach(model: nn.Module, config: RecoverConfig) -> tuple[nn.Module, dict[str
     Raises:
         ValueError: the model holds no low-rank layers, or no layer can take an adapter.
     """
-    layers = low_rank_modules(model)
-    if not layers:
+    modules = rankcut_modules(model)
+    if not modules:
         raise ValueError("model holds no rankcut low-rank layers: compress it first")
+    layers = low_rank_modules(model)
     for param in model.parameters():
         param.requires_grad_(False)
     torch.manual_seed(config.seed)
@@ -153,7 +156,8 @@ def attach(model: nn.Module, config: RecoverConfig) -> tuple[nn.Module, dict[str
         except ImportError:
             raise ImportError("mode factors wraps the factors with PEFT LoRA: pip install 'rankcut[recover]'") from None
 
-        names = [f"{name}.{child}" for name in layers for child in ("V", "U")]
+        names = [f"{name}.{child}" for name, module in modules.items() for child in module.trainable_children()]
+        shared = [module.get_parameter(local) for module in modules.values() for local in getattr(module, "shares", ())]
         lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank * config.scaling,
                                lora_dropout=config.lora_dropout, target_modules=names, bias="none")
         with warnings.catch_warnings():  # transformers' deprecation notice for an attribute PEFT reads
@@ -164,7 +168,14 @@ def attach(model: nn.Module, config: RecoverConfig) -> tuple[nn.Module, dict[str
             layer = wrapped.base_model.model.get_submodule(name)
             handles[name] = Handle(layer.lora_A["default"].weight, layer.lora_B["default"].weight,
                                    layer.scaling["default"], layer.base_layer.weight)
+        if config.train_shared:  # factors shared across layers train directly (one parameter, every user's gradient)
+            for param in shared:
+                param.requires_grad_(True)
         return wrapped, handles, skipped
+    for name in modules:
+        if name not in layers:
+            skipped[name] = f"a {type(modules[name]).__name__} cannot grow (mode grow adapts LowRankLinear layers)"
+            log.warning("%s gets no adapter: %s", name, skipped[name])
     handles = {}
     for name, layer in layers.items():
         m, n = layer.out_features, layer.in_features

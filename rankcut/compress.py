@@ -48,6 +48,7 @@ def compress_(
     device: str | torch.device | None = None,
     progress: bool = True,
     context: dict | None = None,
+    runtime=None,
 ) -> CompressionSummary:
     """Compress ``model`` in place: its target layers become decomposed modules (``LowRankLinear``…).
 
@@ -61,6 +62,9 @@ def compress_(
             where they are between blocks, so a model larger than the GPU can be compressed.
         progress: show progress bars.
         context: inputs a policy needs beyond the config (e.g. measured sensitivities).
+        runtime: a :class:`~rankcut.runtime.RuntimePlan` of runtime activation decomposition to apply after the
+            compression (its outlier thresholds calibrated on ``calib`` when it has none); it is recorded and
+            saved with the checkpoint.
 
     Returns:
         The per-target and overall summary (also logged). The model carries a
@@ -92,9 +96,29 @@ def compress_(
         with timer("calibration text"):
             seq_len = config.seq_len or default_seq_len(model)
             windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
+    if runtime is not None:
+        from rankcut.runtime import reader_groups
+
+        reader_groups(model, runtime.layers)  # a block that does not exist: refused before any swap
+        if runtime.outlier_fraction > 0 and not runtime.thresholds and calib is None:
+            raise ValueError("the runtime plan's outlier thresholds are calibrated on text: give calib=...")
     run_blocks(model, targets, windows, work, device=device, batch_size=config.batch_size, layerwise=config.layerwise,
                sequential=config.sequential, progress=progress, timer=timer)
-    return _finish(model, config, work, order, params_before, start, 0 if windows is None else windows.numel(), calib)
+    summary = _finish(model, config, work, order, params_before, start, 0 if windows is None else windows.numel(), calib)
+    if runtime is not None:
+        attach_runtime(model, runtime, calib, tokenizer, config)
+    return summary
+
+
+def attach_runtime(model: nn.Module, plan, calib, tokenizer, config: CompressConfig) -> None:
+    """Calibrate the runtime plan's outlier thresholds (when it has none) on ``calib`` and apply it."""
+    from rankcut.runtime import apply_runtime, calibrate_thresholds
+
+    if plan.outlier_fraction > 0 and not plan.thresholds:
+        seq_len = config.seq_len or default_seq_len(model)
+        windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
+        calibrate_thresholds(model, plan, windows, config.batch_size)
+    apply_runtime(model, plan)
 
 
 def policy_context(model: nn.Module, config: CompressConfig, context: dict | None) -> dict:

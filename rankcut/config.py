@@ -269,6 +269,8 @@ class RecoverConfig:
         precision: ``auto`` (bf16 autocast on a CUDA device that supports it, else fp32), ``fp32``,
             ``bf16`` or ``fp16`` (autocast with a gradient scaler; CUDA only).
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        train_shared: mode ``factors``: also train factors shared across layers (``tucker`` with ``group="layers"``)
+            directly; by default only each layer's own factors get adapters.
         eval_every, eval_windows: held-out perplexity every N steps (None: 10 times per run) on the first
             ``eval_windows`` windows of the evaluation text.
         save_every: write the resumable training state every N steps (needs a work folder).
@@ -291,6 +293,7 @@ class RecoverConfig:
     distill: float = 0.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    train_shared: bool = False
     eval_every: int | None = None
     eval_windows: int = 16
     save_every: int = 100

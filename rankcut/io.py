@@ -306,6 +306,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_ties(path: Path, record: Record, rename, tied: dict[str, str]) -> None:
+    """Every factor a module shares (its entry's ``ties``) must be a recorded tie of the checkpoint to the
+    same owner: safetensors stores a shared factor once, and a lost tie would leave the layer without it."""
+    for name, entry in record.targets.items():
+        target = rename(name)
+        for local, owner in (entry.get("ties") or {}).items():
+            alias, source = f"{target}.{local}", rename(owner)
+            if target is None or source is None:
+                continue
+            if tied.get(alias, alias) != tied.get(source, source):  # the two names must end at one stored tensor
+                raise CheckpointError(f"{path / RECORD}: target {name} shares {local} with {owner}, but the checkpoint "
+                                      f"does not record that tie (it has {tied.get(alias)!r}): the file was edited "
+                                      "or written by another tool; re-save it from the model with rankcut.save")
+
+
 def load(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -369,6 +384,7 @@ def load(
     for key, tensor in state.items():
         if key in expected and expected[key].shape != tensor.shape:
             raise CheckpointError(f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+    _check_ties(path, record, rename, tied)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
@@ -390,4 +406,12 @@ def load(
         from rankcut.fuse import prepare_for_inference
 
         prepare_for_inference(model)
+    plan = (record.runtime or {}).get("activation_decomposition")
+    if plan is not None:  # runtime activation decomposition recorded with the model (rankcut.runtime)
+        from rankcut.runtime import RuntimePlan, apply_runtime
+
+        try:
+            apply_runtime(model, RuntimePlan.from_json(plan))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / RECORD}: runtime plan: {err}") from None
     return model

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 log = logging.getLogger(__name__)
 
 #: SVD solvers :func:`svd_top` dispatches to.
-SOLVERS = ("exact", "randomized")
+SOLVERS = ("exact", "randomized", "lanczos")
 
 
 def break_even_rank(m: int, n: int) -> float:
@@ -82,12 +83,17 @@ def randomized_svd(
 
 
 def svd_top(A: torch.Tensor, k: int, solver: str = "exact", oversample: int = 16, power_iters: int = 2, seed: int = 0):
-    """Dispatch to the named solver: ``exact`` or ``randomized``."""
+    """Dispatch to the named solver: ``exact``, ``randomized`` or ``lanczos`` (Golub–Kahan–Lanczos with full
+    reorthogonalisation, :func:`rankcut.lanczos.lanczos_svd`)."""
     if solver == "exact":
         return truncated_svd(A, k)
     if solver == "randomized":
         return randomized_svd(A, k, oversample=oversample, power_iters=power_iters, seed=seed)
-    raise ValueError(f"unknown solver {solver!r}; choose exact or randomized")
+    if solver == "lanczos":
+        from rankcut.lanczos import lanczos_svd
+
+        return lanczos_svd(A, min(k, *A.shape), seed=seed)
+    raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
 
 
 def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,3 +134,87 @@ def safe_cholesky(G: torch.Tensor, damping: float = 1e-6, max_tries: int = 8) ->
             return L, lam
         lam = damping if attempt == 0 else lam * 10
     raise ValueError(f"Gram matrix not positive definite even with damping {lam / 10:.1e}")
+
+
+def _top_eigvecs(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` leading eigenvectors (columns) and eigenvalues of a symmetric matrix, descending."""
+    values, vectors = torch.linalg.eigh((M + M.mT) / 2)
+    return vectors.flip(1)[:, :k], values.flip(0)[:k].clamp_min(0)
+
+
+def hooi(slices: list[torch.Tensor], r_out: int, r_in: int | None = None, tol: float = 1e-10, max_iter: int = 50):
+    """Tucker decomposition of the stacked tensor T (G × m × n) of ``slices`` by Higher-Order Orthogonal
+    Iteration (De Lathauwer et al. 2000; seed 004's Algorithm 1), the slice mode kept at full rank.
+
+    ``T ≈ Γ ×₂ U_out ×₃ U_in``: ``W_g ≈ U_out Γ_g U_inᵀ`` with orthonormal ``U_out`` (m × r_out) and ``U_in``
+    (n × r_in) shared by every slice. Initialised by the truncated HOSVD (leading eigenvectors of each mode's
+    Gram matrix), then each factor in turn is the leading subspace of its mode unfolding projected on the other
+    factor, until the captured energy Σ‖Γ_g‖² changes by less than ``tol`` (relative) or ``max_iter`` passes.
+    ``r_in`` None keeps the input mode whole (then one pass is exact). All in float64.
+
+    Returns:
+        ``(U_out, cores, U_in, info)``: ``cores`` a list of (r_out × r_in) matrices (``U_in`` is None and the
+        cores are ``U_outᵀ W_g`` when ``r_in`` is None); ``info`` has ``iterations``, ``energy`` (captured) and
+        ``total`` (‖T‖²), so the squared error is ``total − energy``.
+
+    Raises:
+        ValueError: slices of different shapes, or a rank outside 1..its mode's size.
+    """
+    if not slices:
+        raise ValueError("hooi needs at least one slice")
+    shapes = {tuple(s.shape) for s in slices}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"the slices of a stacked tensor must be matrices of one shape, got {sorted(shapes)}")
+    m, n = next(iter(shapes))
+    if not 1 <= r_out <= m or (r_in is not None and not 1 <= r_in <= n):
+        raise ValueError(f"core ranks ({r_out}, {r_in}) must lie within the factors' dimensions ({m}, {n})")
+    W = [s.to(torch.float64) for s in slices]
+    total = float(sum((w * w).sum() for w in W))
+    if r_in is None:
+        U_out, _ = _top_eigvecs(sum(w @ w.mT for w in W), r_out)
+        cores = [U_out.mT @ w for w in W]
+        return U_out, cores, None, {"iterations": 1, "energy": float(sum((c * c).sum() for c in cores)), "total": total}
+    U_out, _ = _top_eigvecs(sum(w @ w.mT for w in W), r_out)
+    U_in, _ = _top_eigvecs(sum(w.mT @ w for w in W), r_in)
+    energy, it = -1.0, 0
+    for it in range(1, max_iter + 1):
+        P = [w @ U_in for w in W]  # (m × r_in) per slice
+        U_out, _ = _top_eigvecs(sum(p @ p.mT for p in P), r_out)
+        Q = [w.mT @ U_out for w in W]  # (n × r_out)
+        U_in, _ = _top_eigvecs(sum(q @ q.mT for q in Q), r_in)
+        cores = [U_out.mT @ w @ U_in for w in W]
+        new = float(sum((c * c).sum() for c in cores))
+        if energy >= 0 and abs(new - energy) <= tol * max(total, 1e-300):
+            energy = new
+            break
+        energy = new
+    cores = [U_out.mT @ w @ U_in for w in W]
+    return U_out, cores, U_in, {"iterations": it, "energy": energy, "total": total}
+
+
+def tucker_break_even(H: int, W: int) -> float:
+    """Seed 004's break-even pruned rank of a core-plus-factors layer (H × W weight, square core of rank PR:
+    ``PR² + PR(H + W)`` parameters): ``PR < (√((H+W)² + 4HW) − (H+W)) / 2``, the positive root of
+    ``PR² + (H+W)·PR − HW``. Below it the Tucker layer holds fewer parameters than the dense one."""
+    s = H + W
+    return (math.sqrt(s * s + 4 * H * W) - s) / 2
+
+
+def shared_output_basis(slices: list[torch.Tensor], grams: list[torch.Tensor | None], rank: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The output basis ``U`` (m × rank, orthonormal) shared by every slice that minimises
+    ``Σ_g ‖(W_g − U Uᵀ W_g) L_g‖²`` with ``L_g L_gᵀ = G_g`` each slice's own input Gram (None: the identity).
+
+    The objective is ``Σ_g tr(W_g G_g W_gᵀ) − tr(Uᵀ M U)`` with ``M = Σ_g W_g G_g W_gᵀ``, so ``U`` is M's top
+    eigenvectors, exactly (no iteration, no Cholesky), and each slice's coefficients ``Uᵀ W_g`` are optimal
+    for that ``U`` in its own whitened norm (Basis Sharing, arXiv:2410.03765, with SVD-LLM's whitening).
+
+    Returns:
+        ``(U, eigenvalues, total)``: ``eigenvalues`` descending (the captured energy per direction, float64)
+        and ``total = tr(M)``; the squared whitened error at rank r is ``total − Σ_{i<r} eigenvalues[i]``.
+    """
+    W = [s.to(torch.float64) for s in slices]
+    M = sum((w @ g.to(w) @ w.mT) if g is not None else w @ w.mT for w, g in zip(W, grams))
+    total = float(torch.diagonal(M).sum())
+    U, values = _top_eigvecs(M, rank)
+    return U, values, total

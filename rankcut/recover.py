@@ -23,7 +23,7 @@ from rankcut.config import CompressConfig, RecoverConfig
 from rankcut.data import calibration_windows, check_source, source_name, token_stream
 from rankcut.evaluate.perplexity import perplexity
 from rankcut.io import sha256_file
-from rankcut.modules import dense_weight, low_rank_modules
+from rankcut.modules import dense_weight, rankcut_modules
 from rankcut.record import get_record, set_record
 from rankcut.train import WorkDir, fit, resolve_precision, tuning_windows
 from rankcut.utils import count_params, default_seq_len, resolve_device
@@ -195,7 +195,7 @@ def recover_(
     """
     config = config or RecoverConfig()
     record = get_record(model)
-    if record is None or not low_rank_modules(model):
+    if record is None or not rankcut_modules(model):
         raise ValueError("model holds no rankcut low-rank layers: compress it (or load a rankcut checkpoint) first")
     if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise ValueError(f"recovery trains with the next-token loss: {type(model).__name__} is not a causal LM")
@@ -266,7 +266,7 @@ def recover_(
     if eval_ids is not None:
         block["eval"] = {"source": source_name(eval_text), "windows": min(config.eval_windows, eval_ids.numel() // config.seq_len),
                          "seq_len": config.seq_len, "compressed": compressed_ppl, "after": after, "history": log_.evals}
-    from rankcut.modules import rankcut_modules, record_entry
+    from rankcut.modules import record_entry
 
     if record.recovery:
         record.recovery_history = [*record.recovery_history, record.recovery]

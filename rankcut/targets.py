@@ -115,6 +115,7 @@ def target_infos(model: nn.Module, targets: dict[str, nn.Module]) -> list[Target
     """:class:`TargetInfo` of each target, in order: shape, block index and tensor type (``mlp.up_proj``)."""
     found = find_blocks(model)
     prefix = found[0] + "." if found else None
+    head_dim = _head_dim(model)
     infos = []
     for name, module in targets.items():
         block, kind = None, name
@@ -122,5 +123,19 @@ def target_infos(model: nn.Module, targets: dict[str, nn.Module]) -> list[Target
             index, _, rest = name[len(prefix):].partition(".")
             if index.isdigit():
                 block, kind = int(index), rest
-        infos.append(TargetInfo(name, dense_shape(module), block, kind))
+        attention = any(part in ("attn", "attention", "self_attn") or part.endswith(("attn", "attention"))
+                        for part in kind.split(".")[:-1])
+        infos.append(TargetInfo(name, dense_shape(module), block, kind, head_dim if attention else None))
     return infos
+
+
+def _head_dim(model: nn.Module) -> int | None:
+    """The attention head size from the model's config (``head_dim``, else hidden size / heads), or None."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "head_dim", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None

@@ -39,6 +39,7 @@ class TargetInfo:
     shape: tuple[int, int]
     block: int | None = None
     kind: str = ""
+    head_dim: int | None = None  # attention projections: the model's head size (None elsewhere)
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,16 @@ class Unit:
         return rank * sum(m + n for m, n in (t.shape for t in self.targets))
 
     @property
+    def rank_cap(self) -> int:
+        """The largest rank the unit's structure allows (its factors' smallest dimension)."""
+        return min(min(t.shape) for t in self.targets)
+
+    @property
     def limit(self) -> int:
         """The largest rank whose parameters stay strictly below the dense ones (0: no rank pays)."""
-        if len(self.targets) == 1:
+        if len(self.targets) == 1 and type(self).params is Unit.params:
             return max_useful_rank(*self.targets[0].shape)
-        low, high = 0, min(min(t.shape) for t in self.targets)
+        low, high = 0, self.rank_cap
         while low < high:  # params() is increasing in rank
             mid = (low + high + 1) // 2
             low, high = (mid, high) if self.params(mid) < self.dense_params else (low, mid - 1)
@@ -79,16 +85,20 @@ class Unit:
     @property
     def break_even(self) -> float:
         """The (fractional) break-even rank, for messages."""
-        if len(self.targets) == 1:
+        if len(self.targets) == 1 and type(self).params is Unit.params:
             return break_even_rank(*self.targets[0].shape)
-        return self.dense_params / max(1, self.params(1))
+        return self.limit + 1.0 if type(self).params is not Unit.params else self.dense_params / max(1, self.params(1))
 
     def uniform_rank(self, keep: float) -> int:
         """The largest rank keeping at most ``keep`` of the unit's parameters (at least 1)."""
-        if len(self.targets) == 1:
+        if len(self.targets) == 1 and type(self).params is Unit.params:
             return uniform_rank(*self.targets[0].shape, keep)
-        per_rank = self.params(1)
-        return max(1, math.floor(keep * self.dense_params / per_rank))
+        budget = keep * self.dense_params
+        low, high = 1, self.rank_cap
+        while low < high:  # the largest r with params(r) <= budget (params() is increasing in rank)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.params(mid) <= budget else (low, mid - 1)
+        return low
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from rankcut import cost
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.loop import time_decode
 from rankcut.bench.models import RANDOM_PREFIX, PRESETS, preset_config, random_lowrank_, random_model, weight_bytes
-from rankcut.modules import dense_shape, low_rank_modules
+from rankcut.modules import LowRankLinear, SharedBasisLinear, dense_shape, rankcut_modules
 from rankcut.targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,10 @@ def load_for_bench(spec: str, dtype: torch.dtype, device: str, layers: int | Non
 
 
 def target_rows(model) -> list[tuple[str, int, int, int | None]]:
-    """``(name, m, n, rank or None)`` of every low-rank layer and every remaining dense target."""
-    rows = [(n, m.out_features, m.in_features, m.rank) for n, m in low_rank_modules(model).items()]
+    """``(name, m, n, rank or None)`` of every low-rank layer (shared-basis ones too: a shared factor counts at
+    every layer that reads it) and every remaining dense target."""
+    rows = [(n, m.out_features, m.in_features, m.rank) for n, m in rankcut_modules(model).items()
+            if isinstance(m, (LowRankLinear, SharedBasisLinear))]
     try:
         for name, module in find_targets(model).items():
             rows.append((name, *dense_shape(module), None))

@@ -43,6 +43,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="encoders: embedding fidelity against --baseline on the lines of this text file (repeatable)")
     e.add_argument("--max-sentences", type=int, default=DEFAULT_MAX_SENTENCES,
                    help=flags.helptext("--fidelity: use the first N sentences", DEFAULT_MAX_SENTENCES))
+    e.add_argument("--runtime-plan", metavar="FILE",
+                   help="runtime activation decomposition plan (JSON: layers, rank, mode, outlier_fraction, thresholds) "
+                        "applied to the model evaluated (not to --baseline)")
+    e.add_argument("--runtime-calib", metavar="TEXT",
+                   help="text to calibrate the plan's outlier thresholds on when it has none (first 32 windows)")
     e.add_argument("--json", metavar="FILE", help="write results as JSON here")
     e.add_argument("--markdown", metavar="FILE", help="write the side-by-side tables as Markdown here")
     flags.add_quiet(e)
@@ -121,6 +126,9 @@ def evaluate_one(args, spec: str, label: str, tasks: list[str], sentences: dict,
     if tokenizer is None:
         raise CLIError(f"{spec} has no tokenizer; perplexity on text, tasks and fidelity need one")
     record = get_record(model)
+    plan = None
+    if getattr(args, "runtime_plan", None) and spec == args.model:
+        plan = apply_plan_file(model, tokenizer, args.runtime_plan, args.runtime_calib, args.seq_len, args.batch_size)
     for line in report.held_out_notes(spec, record, args.ppl):
         print(line)
     result = {"model": spec, "params": count_params(model), "perplexity": perplexities(args, model, tokenizer, label, device),
@@ -128,12 +136,46 @@ def evaluate_one(args, spec: str, label: str, tasks: list[str], sentences: dict,
                            "batch_size": args.batch_size}}
     if record is not None:
         result["keep_model"] = record.keep_model
+    if plan is not None:
+        from rankcut.runtime import extracted_fractions
+
+        result["runtime_plan"] = plan.to_json()
+        result["outliers_extracted"] = extracted_fractions(model)
     if tasks:
         result["tasks"] = run_tasks(args, model, tokenizer, tasks, device)
     if sentences:
         result["_embeddings"] = {name: sentence_embeddings(model, tokenizer, s, args.batch_size, device)
                                  for name, s in sentences.items()}
     return result
+
+
+def apply_plan_file(model, tokenizer, path: str, calib: str | None, seq_len: int | None, batch_size: int):
+    """Read a runtime plan, calibrate its thresholds on ``calib`` if it needs them, apply it to ``model``."""
+    import json
+
+    from rankcut.data import calibration_windows
+    from rankcut.runtime import RuntimePlan, apply_runtime, calibrate_thresholds
+    from rankcut.utils import default_seq_len
+
+    try:
+        plan = RuntimePlan.from_json(json.loads(Path(os.path.expanduser(path)).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as err:
+        raise CLIError(f"--runtime-plan {path}: {err}") from None
+    if plan.outlier_fraction > 0 and not plan.thresholds:
+        if not calib:
+            raise CLIError(f"--runtime-plan {path} has an outlier fraction but no thresholds: give --runtime-calib TEXT")
+        flags.check_sources(runtime_calib=[calib])
+        windows = calibration_windows(os.path.expanduser(calib), tokenizer, 32, seq_len or default_seq_len(model), 0,
+                                      "first")
+        calibrate_thresholds(model, plan, windows, batch_size)
+    window = seq_len or default_seq_len(model)
+    if plan.rank > window:
+        raise CLIError(f"--runtime-plan {path}: rank {plan.rank} is larger than the sequence ({window} tokens per window)")
+    try:
+        apply_runtime(model, plan)
+    except ValueError as err:
+        raise CLIError(f"--runtime-plan {path}: {err}") from None
+    return plan
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ def _helps() -> dict[str, str]:
         "precision": f"autocast: {', '.join(PRECISIONS)} (auto: bf16 on a CUDA GPU that has it, else fp32; fp16 needs "
                      "CUDA)",
         "gradient_checkpointing": "recompute activations in the backward pass: less memory, more time",
+        "train_shared": "mode factors: also train the factors shared across layers (tucker group layers) directly",
         "eval_every": "perplexity of --eval every N steps",
         "eval_windows": "evaluate the first N windows of --eval",
         "save_every": "save the resumable training state every N steps",

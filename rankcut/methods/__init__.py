@@ -33,6 +33,7 @@ from rankcut.methods.base import (  # noqa: F401
 import rankcut.methods.asvd  # noqa: E402,F401  (importing the method modules registers them)
 import rankcut.methods.svd  # noqa: E402,F401
 import rankcut.methods.whiten  # noqa: E402,F401
+import rankcut.methods.tucker  # noqa: E402,F401
 
 __all__ = [
     "Item",

@@ -49,6 +49,10 @@ class LowRankLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.U.bias
 
+    def trainable_children(self) -> tuple[str, ...]:
+        """The factor children recovery may wrap with LoRA: both are this layer's own."""
+        return ("V", "U")
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 

@@ -1,0 +1,249 @@
+"""Runtime activation decomposition as a transform of a loaded model (seed 001, D-com; the math is
+:mod:`rankcut.dcom`).
+
+A :class:`RuntimePlan` names the decoder blocks whose inputs are decomposed at run time, the rank, the mode and
+the outlier thresholds. :func:`apply_runtime` redirects the ``forward`` of the projections that read each block's
+two sub-block inputs (q/k/v, gate/up; GPT-2's ``c_attn`` and ``c_fc``): the first of a group decomposes the input
+once per forward pass and every layer of the group consumes the same factors. Weights, module structure and
+state-dict keys are untouched, so a saved checkpoint is the model's own and the plan travels in the record
+(``record.runtime``); :func:`rankcut.load` and ``from_pretrained`` re-apply it. :func:`calibrate_thresholds`
+sets each input's outlier threshold from calibration text so that the given fraction of channels is extracted
+on average (the seed's offline per-layer table), and the fraction actually extracted is counted per input.
+
+Modes: ``input`` (the weight stays as it is: dense, or the low-rank layer's product) and ``input+weight`` (the
+weight must be a rankcut low-rank layer; its factors join the product, eq. 5). The decomposed-preserved form of
+the seed (keeping a layer's *output* factored for the next product) is not implemented: in a transformer block
+every projection output meets a non-linearity (softmax, the gated activation) or a per-head split before the
+next product, so the output of one projection is never the direct input of another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rankcut.dcom import apply_linear, decompose
+
+log = logging.getLogger(__name__)
+
+MODES = ("input", "input+weight")
+#: The projections that read a sub-block's input, grouped by that input (fuse.GROUPS plus single readers).
+READERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("c_attn",), ("c_fc",),
+           ("query_key_value",), ("dense_h_to_4h",), ("fc1",), ("w1", "w3"))
+_ATTR = "_rankcut_runtime"
+
+
+@dataclass
+class RuntimePlan:
+    """What to decompose at run time.
+
+    Attributes:
+        layers: decoder block indices (the seed spreads them and avoids the first).
+        rank: activation rank k per prompt.
+        mode: ``input`` or ``input+weight``.
+        outlier_fraction: fraction of channels to keep exact; turned into per-input ``thresholds`` by
+            :func:`calibrate_thresholds` (0: none).
+        thresholds: input name (the first projection of its group) -> magnitude threshold.
+        solver: ``lanczos`` or ``exact``; reorth: Lanczos reorthogonalisation.
+    """
+
+    layers: list[int]
+    rank: int
+    mode: str = "input"
+    outlier_fraction: float = 0.0
+    thresholds: dict[str, float] = field(default_factory=dict)
+    solver: str = "lanczos"
+    reorth: str = "full"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, (list, tuple)) or not self.layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise ValueError(f"layers must be a non-empty list of block indices, got {self.layers!r}")
+        self.layers = sorted(set(self.layers))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        f = self.outlier_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 <= f < 1) or math.isnan(f):
+            raise ValueError(f"outlier_fraction must be in [0, 1), got {f!r}")
+        if self.solver not in ("lanczos", "exact"):
+            raise ValueError(f"solver must be lanczos or exact, got {self.solver!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RuntimePlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"a runtime plan is a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown runtime plan field(s) {unknown}")
+        return cls(**data)
+
+
+def reader_groups(model: nn.Module, layers: list[int]) -> list[list[tuple[str, nn.Module]]]:
+    """The groups of projections reading one input, in the given blocks.
+
+    Raises:
+        ValueError: the model has no block stack, or a block index that does not exist.
+    """
+    from rankcut.targets import find_blocks
+
+    found = find_blocks(model)
+    if found is None:
+        raise ValueError("runtime decomposition needs a stack of transformer blocks")
+    prefix, blocks = found
+    bad = [i for i in layers if not 0 <= i < len(blocks)]
+    if bad:
+        raise ValueError(f"block(s) {bad} do not exist: the model has blocks 0..{len(blocks) - 1}")
+    groups = []
+    for i in layers:
+        named = dict(blocks[i].named_modules())
+        for names in READERS:
+            for parent, module in named.items():
+                members = [(f"{parent}.{n}" if parent else n) for n in names]
+                if all(m in named for m in members):
+                    groups.append([(f"{prefix}.{i}.{m}", named[m]) for m in members])
+    return groups
+
+
+def _weights(layer: nn.Module, mode: str):
+    """``(weight, V_w, U_w, bias)`` of a dense or low-rank projection for :func:`rankcut.dcom.apply_linear`."""
+    from rankcut.modules import LowRankLinear, dense_weight
+
+    if isinstance(layer, LowRankLinear):
+        if mode == "input+weight":
+            return None, layer.V.weight, layer.U.weight, layer.U.bias
+        return layer.U.weight.float() @ layer.V.weight.float(), None, None, layer.U.bias
+    if mode == "input+weight":
+        raise ValueError(f"mode input+weight needs rankcut low-rank layers; {type(layer).__name__} is not one "
+                         "(compress the model first, or use mode input)")
+    return dense_weight(layer), None, None, getattr(layer, "bias", None)
+
+
+class _DecomposedCall:
+    """Replaces ``layer.forward``: the group's first reader decomposes the input, every reader uses it."""
+
+    def __init__(self, layer: nn.Module, name: str, state: dict, plan: RuntimePlan, threshold, last: bool) -> None:
+        self.layer, self.name, self.state, self.plan, self.threshold, self.last = layer, name, state, plan, threshold, last
+        self.weights = _weights(layer, plan.mode)
+        self.calls = 0
+        self.extracted = 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        cached = self.state.get("input")
+        if cached is not None and cached[0] is x and cached[1] == x._version:
+            factors = self.state["factors"]
+        else:
+            lead = x.shape[:-1]
+            X = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x[None]
+            if self.plan.rank > min(X.shape[-2], X.shape[-1]):
+                raise ValueError(f"runtime decomposition at rank {self.plan.rank} needs prompts of at least that many "
+                                 f"tokens; {self.name} got {X.shape[-2]} tokens of {X.shape[-1]} channels")
+            factors = decompose(X, self.plan.rank, self.threshold, self.plan.solver, self.plan.reorth)
+            factors["lead"] = lead
+            self.state.update(input=(x, x._version), factors=factors)
+        self.calls += 1
+        self.extracted += factors["fraction"]
+        weight, V_w, U_w, bias = self.weights
+        y = apply_linear(factors, weight, V_w, U_w, bias)
+        if self.last:
+            self.state.clear()
+        return y.reshape(*factors["lead"], y.shape[-1]).to(x.dtype)
+
+
+def apply_runtime(model: nn.Module, plan: RuntimePlan) -> nn.Module:
+    """Decompose the inputs of ``plan.layers`` at run time (in place; :func:`remove_runtime` undoes it) and record
+    the plan on the model's rankcut record (one is created for a dense model).
+
+    Raises:
+        ValueError: a block that does not exist, a mode the layers cannot take; nothing is changed then.
+    """
+    remove_runtime(model)
+    groups = reader_groups(model, plan.layers)
+    calls = []
+    for group in groups:
+        state: dict = {}
+        threshold = plan.thresholds.get(group[0][0]) if plan.outlier_fraction > 0 else None
+        if plan.outlier_fraction > 0 and threshold is None:
+            raise ValueError(f"the plan has no outlier threshold for {group[0][0]}: run calibrate_thresholds first")
+        for i, (name, layer) in enumerate(group):
+            calls.append((layer, _DecomposedCall(layer, name, state, plan, threshold, i == len(group) - 1)))
+    for layer, call in calls:  # every call was built: now change the model
+        layer.forward = call
+        setattr(layer, _ATTR, call)
+    from rankcut.record import get_record
+
+    record = get_record(model)
+    if record is not None:
+        record.runtime = {**(record.runtime or {}), "activation_decomposition": plan.to_json()}
+    model._rankcut_runtime_plan = plan
+    return model
+
+
+def remove_runtime(model: nn.Module) -> None:
+    """Undo :func:`apply_runtime` (the record keeps no runtime entry)."""
+    for module in model.modules():
+        if getattr(module, _ATTR, None) is not None:
+            del module.forward
+            delattr(module, _ATTR)
+    from rankcut.record import get_record
+
+    record = get_record(model)
+    if record is not None and record.runtime:
+        record.runtime.pop("activation_decomposition", None)
+        record.runtime = record.runtime or None
+    if hasattr(model, "_rankcut_runtime_plan"):
+        del model._rankcut_runtime_plan
+
+
+def extracted_fractions(model: nn.Module) -> dict[str, float]:
+    """The mean fraction of channels extracted as outliers, per decomposed input, since the transform."""
+    out = {}
+    for module in model.modules():
+        call = getattr(module, _ATTR, None)
+        if call is not None and call.calls:
+            out[call.name] = call.extracted / call.calls
+    return out
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, plan: RuntimePlan, windows: torch.Tensor, batch_size: int = 8) -> RuntimePlan:
+    """Set ``plan.thresholds``: per decomposed input, the magnitude above which ``plan.outlier_fraction`` of the
+    channels lie on average over the calibration ``windows`` (N × T token ids), computed from each window's
+    per-channel maximum magnitude (the channels the runtime rule would extract). Returns the plan."""
+    if plan.outlier_fraction <= 0:
+        plan.thresholds = {}
+        return plan
+    groups = reader_groups(model, plan.layers)
+    maxima: dict[str, list[torch.Tensor]] = {g[0][0]: [] for g in groups}
+    hooks = []
+    for group in groups:
+        name, layer = group[0]
+
+        def hook(module, args, name=name):
+            x = args[0]
+            X = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x[None]
+            maxima[name].append(X.abs().amax(dim=-2).float().cpu())
+
+        hooks.append(layer.register_forward_pre_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start:start + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    thresholds = {}
+    for name, chunks in maxima.items():
+        per_channel = torch.cat(chunks).flatten()
+        thresholds[name] = float(torch.quantile(per_channel.double(), 1 - plan.outlier_fraction))
+    plan.thresholds = thresholds
+    return plan
