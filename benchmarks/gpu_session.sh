@@ -26,7 +26,9 @@ for s in $STAGES; do
               --compress-args "--allocation sensitivity --sensitivity .carry/sens" \
               --json "$OUT/recover_h200_allocated_0.6.json" 2>&1 | tail -12 ;;
     shared) timeout ${SHARED_LIMIT:-300} python3 benchmarks/shared_decode_bench.py --json "$OUT/decode_shared_llama2-7b_keep0.5.json" 2>&1 | grep -v Warn | tail -12 ;;
-    tests) timeout ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu tests/ -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
+    dcom) timeout ${DCOM_SOLVER_LIMIT:-220} python3 benchmarks/dcom_solver_study.py --budget-s ${DCOM_BUDGET:-170} --json "$OUT/dcom_solver_study.json" --png "$OUT/dcom_solvers.png" 2>&1 | grep -v Warn | tail -25
+          timeout ${DCOM_COST_LIMIT:-220} python3 benchmarks/dcom_cost.py --budget-s ${DCOM_BUDGET:-170} --json "$OUT/dcom_cost.json" 2>&1 | grep -v Warn | tail -12 ;;
+    tests) timeout ${TESTS_LIMIT:-200} python3 -m pytest -q -m gpu ${TESTS:-tests/} -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
   esac
 done
 ls -la "$OUT"

@@ -40,7 +40,11 @@ def main() -> None:
     p.add_argument("--calib", default=str(D / "calib" / "python_calib.txt"))
     p.add_argument("--eval", default=str(D / "heldout" / "python_heldout.txt"))
     p.add_argument("--json")
+    p.add_argument("--render", action="store_true", help="only print the Markdown table of an existing --json")
     args = p.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.json).read_text())))
+        return
     torch.set_num_threads(2)
     out = {"command": "python3 benchmarks/tucker_table.py " + " ".join(args.models), "rows": []}
     for name in args.models:
@@ -71,6 +75,32 @@ def main() -> None:
                 print(name, keep, variant, round(ppl, 4), round(summary.keep_targets, 4), f"{wall:.1f}s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def render(data: dict) -> str:
+    """One Markdown table: a row per variant, a column per (model, keep); kept fraction of the targets beside."""
+    rows = data["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    keeps = sorted({r["keep"] for r in rows if r["variant"] != "dense"}, reverse=True)
+    cols = [(m, k) for m in models for k in keeps]
+    lines = ["| variant | " + " | ".join(f"{m} keep {k}" for m, k in cols) + " |", "|---|" + "---|" * len(cols)]
+    dense = {r["model"]: r["ppl"] for r in rows if r["variant"] == "dense"}
+    lines.append("| dense | " + " | ".join(f"{dense[m]:.3f}" if k == keeps[0] else "" for m, k in cols) + " |")
+    best = {}
+    for m, k in cols:
+        cands = [r for r in rows if r["model"] == m and r["keep"] == k]
+        best[(m, k)] = min(r["ppl"] for r in cands)
+    for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "dense"):
+        cells = []
+        for m, k in cols:
+            r = next((r for r in rows if r["model"] == m and r["keep"] == k and r["variant"] == variant), None)
+            if r is None:
+                cells.append("")
+                continue
+            text = f"{r['ppl']:.3f} ({r['keep_targets']:.3f})"
+            cells.append(f"**{text}**" if r["ppl"] == best[(m, k)] else text)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

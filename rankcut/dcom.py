@@ -101,7 +101,13 @@ def apply_linear(factors: dict, weight: torch.Tensor | None = None, V_w: torch.T
     channels go through the weight exactly."""
     U, Vh, X_out = factors["U"], factors["Vh"], factors["X_out"]
     B, S, k = U.shape
-    dt = U.dtype
+    # the products run in the weight's dtype (bf16 weights: bf16 GEMMs, as the dense layer would); the
+    # decomposition itself was computed in float32 or float64
+    dt = (weight if weight is not None else U_w).dtype
+    if dt not in (torch.float32, torch.float64):
+        U, Vh, X_out = U.to(dt), Vh.to(dt), X_out.to(dt)
+    else:
+        dt = U.dtype
     has_outliers = bool(factors["outliers"].any())
     if weight is not None:
         W = weight.to(dt)

@@ -99,16 +99,24 @@ def lanczos_svd(A: torch.Tensor, k: int, *, reorth: str = "full", tol: float | N
     g = torch.randn(b, m, generator=gen, dtype=torch.float64).to(device=X.device, dtype=dtype)
     v = (X.mT @ g[..., None])[..., 0]
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    U = X.new_zeros(b, m, limit)
-    V = X.new_zeros(b, n, limit + 1)
-    alpha = X.new_zeros(b, limit)
-    beta = X.new_zeros(b, limit)
+    cap = min(limit, 2 * k + 2 * block)  # storage grows (doubling) only if the iteration needs more steps
+    U = X.new_zeros(b, m, cap)
+    V = X.new_zeros(b, n, cap + 1)
+    alpha = X.new_zeros(b, cap)
+    beta = X.new_zeros(b, cap)
     V[..., 0] = v
     u_prev = X.new_zeros(b, m)
     scale = X.new_zeros(b)
     steps, info = 0, {}
     target = min(limit, max(k + block, 2 * k))
     while True:
+        if target > cap:
+            grow = min(limit, max(target, 2 * cap)) - cap
+            U = torch.cat([U, X.new_zeros(b, m, grow)], -1)
+            V = torch.cat([V, X.new_zeros(b, n, grow)], -1)
+            alpha = torch.cat([alpha, X.new_zeros(b, grow)], -1)
+            beta = torch.cat([beta, X.new_zeros(b, grow)], -1)
+            cap += grow
         for j in range(steps, target):
             u = (X @ V[..., j, None])[..., 0] - (beta[:, j - 1, None] * u_prev if j else 0)
             u = _orth(u, U[..., :j], reorth, eps)

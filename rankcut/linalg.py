@@ -142,6 +142,18 @@ def _top_eigvecs(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vectors.flip(1)[:, :k], values.flip(0)[:k].clamp_min(0)
 
 
+def _leading_left(mats: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The ``k`` leading left singular vectors of the horizontal stack ``[A_1 … A_G]`` (the top eigenvectors of
+    ``Σ A_g A_gᵀ``): by an SVD of the stack when it has fewer columns than rows, else by ``eigh`` of the m × m sum
+    — the same subspace, at the cost of the smaller problem."""
+    m = mats[0].shape[0]
+    width = sum(a.shape[1] for a in mats)
+    if width < m:
+        U, _, _ = torch.linalg.svd(torch.cat(mats, 1), full_matrices=False)
+        return U[:, :k]
+    return _top_eigvecs(sum(a @ a.mT for a in mats), k)[0]
+
+
 def hooi(slices: list[torch.Tensor], r_out: int, r_in: int | None = None, tol: float = 1e-10, max_iter: int = 50):
     """Tucker decomposition of the stacked tensor T (G × m × n) of ``slices`` by Higher-Order Orthogonal
     Iteration (De Lathauwer et al. 2000; seed 004's Algorithm 1), the slice mode kept at full rank.
@@ -171,17 +183,15 @@ def hooi(slices: list[torch.Tensor], r_out: int, r_in: int | None = None, tol: f
     W = [s.to(torch.float64) for s in slices]
     total = float(sum((w * w).sum() for w in W))
     if r_in is None:
-        U_out, _ = _top_eigvecs(sum(w @ w.mT for w in W), r_out)
+        U_out = _leading_left(W, r_out)
         cores = [U_out.mT @ w for w in W]
         return U_out, cores, None, {"iterations": 1, "energy": float(sum((c * c).sum() for c in cores)), "total": total}
-    U_out, _ = _top_eigvecs(sum(w @ w.mT for w in W), r_out)
-    U_in, _ = _top_eigvecs(sum(w.mT @ w for w in W), r_in)
+    U_out = _leading_left(W, r_out)
+    U_in = _leading_left([w.mT for w in W], r_in)
     energy, it = -1.0, 0
     for it in range(1, max_iter + 1):
-        P = [w @ U_in for w in W]  # (m × r_in) per slice
-        U_out, _ = _top_eigvecs(sum(p @ p.mT for p in P), r_out)
-        Q = [w.mT @ U_out for w in W]  # (n × r_out)
-        U_in, _ = _top_eigvecs(sum(q @ q.mT for q in Q), r_in)
+        U_out = _leading_left([w @ U_in for w in W], r_out)  # of Σ (W U_in)(W U_in)ᵀ
+        U_in = _leading_left([w.mT @ U_out for w in W], r_in)
         cores = [U_out.mT @ w @ U_in for w in W]
         new = float(sum((c * c).sum() for c in cores))
         if energy >= 0 and abs(new - energy) <= tol * max(total, 1e-300):

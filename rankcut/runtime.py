@@ -121,7 +121,7 @@ def _weights(layer: nn.Module, mode: str):
     if isinstance(layer, LowRankLinear):
         if mode == "input+weight":
             return None, layer.V.weight, layer.U.weight, layer.U.bias
-        return layer.U.weight.float() @ layer.V.weight.float(), None, None, layer.U.bias
+        return (layer.U.weight.float() @ layer.V.weight.float()).to(layer.U.weight.dtype), None, None, layer.U.bias
     if mode == "input+weight":
         raise ValueError(f"mode input+weight needs rankcut low-rank layers; {type(layer).__name__} is not one "
                          "(compress the model first, or use mode input)")

@@ -96,3 +96,14 @@ def test_lanczos_is_a_weight_solver():
 
     cfg = rankcut.CompressConfig(method="svd", keep=0.5, options={"solver": "lanczos"})
     assert cfg.options.solver == "lanczos"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batched_lanczos_on_cuda_matches_the_exact_svd():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    A = torch.randn(8, 1024, 4096, device="cuda", generator=gen)
+    U, S, Vh = lanczos_svd(A, 20)
+    exact = torch.linalg.svdvals(A.double())[:, :20]
+    assert torch.allclose(S.double(), exact, rtol=1e-3)
+    assert U.device.type == "cuda" and torch.allclose(U.mT @ U, torch.eye(20, device="cuda").expand(8, 20, 20), atol=1e-4)

@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[1] / "rankcut"
 #: Stages in data-flow order (DESIGN §2): foundations, runtime modules, registries and configuration,
 #: calibration and targets, the pipeline, compression, checkpoints, reports built on them, speed, CLI.
 STAGES = [
-    ("foundation", ["rankcut.utils", "rankcut.linalg", "rankcut.units", "rankcut.kernels", "rankcut.cost"]),
+    ("foundation", ["rankcut.utils", "rankcut.linalg", "rankcut.lanczos", "rankcut.dcom", "rankcut.units",
+                    "rankcut.kernels", "rankcut.cost"]),
     ("modules", ["rankcut.modules"]),
     ("registries", ["rankcut.methods", "rankcut.policies", "rankcut.config"]),
     ("calibration", ["rankcut.data", "rankcut.calibrate", "rankcut.targets", "rankcut.summary", "rankcut.record"]),
     ("pipeline", ["rankcut.pipeline", "rankcut.factorize"]),
-    ("compress", ["rankcut.compress", "rankcut.fuse"]),
+    ("compress", ["rankcut.compress", "rankcut.fuse", "rankcut.runtime"]),
     ("checkpoint", ["rankcut.io", "rankcut.hf"]),
     ("reports", ["rankcut.evaluate", "rankcut.analyze", "rankcut.sensitivity", "rankcut.search", "rankcut.sweep",
                  "rankcut.plots", "rankcut.adapters",
