@@ -11,10 +11,12 @@ sets each input's outlier threshold from calibration text so that the given frac
 on average (the seed's offline per-layer table), and the fraction actually extracted is counted per input.
 
 Modes: ``input`` (the weight stays as it is: dense, or the low-rank layer's product) and ``input+weight`` (the
-weight must be a rankcut low-rank layer; its factors join the product, eq. 5). The decomposed-preserved form of
-the seed (keeping a layer's *output* factored for the next product) is not implemented: in a transformer block
-every projection output meets a non-linearity (softmax, the gated activation) or a per-head split before the
-next product, so the output of one projection is never the direct input of another.
+weight must be a rankcut low-rank layer; its factors join the product, eq. 5). ``preserve`` adds the seed's
+decomposed-preserved computation where a block allows it: the attention's value path is linear from the
+block input to the output projection, ``Σ_h A_h (X W_v,hᵀ) W_o,hᵀ``, so with ``X ≈ U Vh`` it runs as
+``Σ_h (A_h U) (Vh W_v,hᵀ W_o,hᵀ)``: the values are never formed, the attention multiplies S × k instead of
+S × head_dim, and the output projection is a k-wide product. Every other projection output meets a
+non-linearity (softmax, the gated activation) before the next product, so nowhere else can it be kept factored.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class RuntimePlan:
             :func:`calibrate_thresholds` (0: none).
         thresholds: input name (the first projection of its group) -> magnitude threshold.
         solver: ``lanczos`` or ``exact``; reorth: Lanczos reorthogonalisation.
+        preserve: decomposed-preserved attention (Llama-family blocks): the value path stays factored through the
+            attention into the output projection (see :class:`_PreservedAttention`).
     """
 
     layers: list[int]
@@ -59,6 +63,7 @@ class RuntimePlan:
     thresholds: dict[str, float] = field(default_factory=dict)
     solver: str = "lanczos"
     reorth: str = "full"
+    preserve: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, (list, tuple)) or not self.layers or not all(
@@ -74,6 +79,8 @@ class RuntimePlan:
             raise ValueError(f"outlier_fraction must be in [0, 1), got {f!r}")
         if self.solver not in ("lanczos", "exact"):
             raise ValueError(f"solver must be lanczos or exact, got {self.solver!r}")
+        if not isinstance(self.preserve, bool):
+            raise ValueError(f"preserve must be true or false, got {self.preserve!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,6 +166,78 @@ class _DecomposedCall:
         return y.reshape(*factors["lead"], y.shape[-1]).to(x.dtype)
 
 
+class _PreservedAttention:
+    """Replaces a Llama-family attention's ``forward``: q and k from the decomposed input as usual, the value path
+    kept factored. With ``X = U Vh + X_out`` (outlier channels apart) and ``C = Vh W_vᵀ`` (k × kv·d):
+
+    ``y = Σ_h (A_h U) (C_g(h) W_o,hᵀ) + Σ_h (A_h X_out W_v,hᵀ) W_o,hᵀ + biases``
+
+    — the attention runs on the k columns of U (shared by all heads) plus, only when a prompt has outlier
+    channels, their exact values. With a KV cache (generation), the prefill also stores the dense values for
+    the later steps; a step that continues a cache runs the layer's own forward."""
+
+    def __init__(self, attn: nn.Module, mode: str) -> None:
+        self.attn, self.mode = attn, mode
+
+    def __call__(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        attn = self.attn
+        past = 0 if cache is None else cache.get_seq_length(attn.layer_idx)
+        if past:
+            return type(attn).forward(attn, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        B, S, _ = hidden_states.shape
+        d, groups = attn.head_dim, attn.num_key_value_groups
+        q = attn.q_proj(hidden_states).view(B, S, -1, d).transpose(1, 2)
+        k = attn.k_proj(hidden_states).view(B, S, -1, d).transpose(1, 2)
+        call = getattr(attn.v_proj, _ATTR)
+        factors = call.state["factors"]  # left by q_proj for this input (v_proj, the group's last, is not called)
+        call.state.clear()
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        heads, kv = q.shape[1], k.shape[1]
+        W_v, b_v = _dense(attn.v_proj)
+        W_o, b_o = _dense(attn.o_proj)
+        dt = q.dtype
+        U, Vh = factors["U"].to(dt), factors["Vh"].to(dt)
+        r = U.shape[-1]
+        C = (Vh @ W_v.to(dt).mT).view(B, r, kv, d)  # per kv head: k × d
+        W_oh = W_o.to(dt).view(W_o.shape[0], heads, d)  # H × heads × d
+        C_h = C.repeat_interleave(groups, dim=2)  # B × k × heads × d
+        M = torch.einsum("bkhd,nhd->bhkn", C_h, W_oh)  # B × heads × k × H
+        values = U[:, None].expand(B, heads, S, r)
+        outliers = bool(factors["outliers"].any())
+        if outliers:
+            v_out = (factors["X_out"].to(dt) @ W_v.to(dt).mT).view(B, S, kv, d).transpose(1, 2)
+            values = torch.cat([values, v_out.repeat_interleave(groups, dim=1)], -1)
+        keys = k.repeat_interleave(groups, dim=1)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:
+            mask = mask[..., :S]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None and S > 1, scale=attn.scaling)
+        y = torch.einsum("bhsk,bhkn->bsn", out[..., :r], M)
+        if outliers:
+            y = y + torch.einsum("bhsd,nhd->bsn", out[..., r:], W_oh)
+        if b_v is not None:
+            y = y + torch.einsum("hd,nhd->n", b_v.to(dt).view(kv, d).repeat_interleave(groups, 0), W_oh)
+        if b_o is not None:
+            y = y + b_o.to(dt)
+        if cache is not None:  # later decode steps read dense values from the cache
+            v = apply_linear(factors, weight=W_v, bias=b_v).view(B, S, kv, d).transpose(1, 2).to(k.dtype)
+            cache.update(k, v, attn.layer_idx)
+        return y, None
+
+
+def _dense(layer: nn.Module):
+    """A projection's dense weight and bias (a rankcut low-rank layer's product)."""
+    from rankcut.modules import LowRankLinear, dense_weight
+
+    if isinstance(layer, LowRankLinear):
+        return (layer.U.weight.float() @ layer.V.weight.float()).to(layer.U.weight.dtype), layer.U.bias
+    return dense_weight(layer), getattr(layer, "bias", None)
+
+
 def apply_runtime(model: nn.Module, plan: RuntimePlan) -> nn.Module:
     """Decompose the inputs of ``plan.layers`` at run time (in place; :func:`remove_runtime` undoes it) and record
     the plan on the model's rankcut record (one is created for a dense model).
@@ -176,9 +255,24 @@ def apply_runtime(model: nn.Module, plan: RuntimePlan) -> nn.Module:
             raise ValueError(f"the plan has no outlier threshold for {group[0][0]}: run calibrate_thresholds first")
         for i, (name, layer) in enumerate(group):
             calls.append((layer, _DecomposedCall(layer, name, state, plan, threshold, i == len(group) - 1)))
+    preserved = []
+    if plan.preserve:
+        from rankcut.targets import find_blocks
+
+        _, blocks = find_blocks(model)
+        for i in plan.layers:
+            attn = getattr(blocks[i], "self_attn", None)
+            if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
+                                                                   "num_key_value_groups", "scaling")):
+                raise ValueError(f"preserve needs Llama-family attention (q/k/v/o projections); block {i} has "
+                                 f"{type(attn).__name__ if attn is not None else 'none'}")
+            preserved.append((attn, _PreservedAttention(attn, plan.mode)))
     for layer, call in calls:  # every call was built: now change the model
         layer.forward = call
         setattr(layer, _ATTR, call)
+    for attn, call in preserved:
+        attn.forward = call
+        setattr(attn, _ATTR, call)
     from rankcut.record import get_record
 
     record = get_record(model)

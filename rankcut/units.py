@@ -85,9 +85,11 @@ class Unit:
     @property
     def break_even(self) -> float:
         """The (fractional) break-even rank, for messages."""
-        if len(self.targets) == 1 and type(self).params is Unit.params:
+        if type(self).params is not Unit.params:  # a group's own parameter model: the first rank that does not pay
+            return self.limit + 1.0
+        if len(self.targets) == 1:
             return break_even_rank(*self.targets[0].shape)
-        return self.limit + 1.0 if type(self).params is not Unit.params else self.dense_params / max(1, self.params(1))
+        return self.dense_params / max(1, self.params(1))
 
     def uniform_rank(self, keep: float) -> int:
         """The largest rank keeping at most ``keep`` of the unit's parameters (at least 1)."""

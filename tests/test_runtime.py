@@ -125,3 +125,31 @@ def test_bad_plans_get_clear_errors(tmp_path):
     code = main(["eval", str(path), "--ppl", str(tmp_path / "t.txt"), "--seq-len", "16", "--runtime-plan",
                  str(tmp_path / "plan.json"), "--device", "cpu"])
     assert code != 0
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.1])
+def test_decomposed_preserved_attention_equals_the_plain_runtime(outliers):
+    """The value path kept factored through attention into o_proj computes what the plain transform computes."""
+    model = llama()
+    ref = forward(model, IDS)
+    plan = calibrate_thresholds(model, RuntimePlan(layers=[1], rank=3, outlier_fraction=outliers), token_windows(8))
+    apply_runtime(model, plan)
+    plain = forward(model, IDS)
+    preserved_plan = RuntimePlan(**{**plan.to_json(), "preserve": True})
+    apply_runtime(model, preserved_plan)
+    assert torch.allclose(forward(model, IDS), plain, atol=1e-4)
+    attn = model.model.layers[1].self_attn
+    assert attn.q_proj._rankcut_runtime.calls > 0 and attn.v_proj._rankcut_runtime.calls == 0  # no values formed
+    assert not torch.allclose(plain, ref, atol=1e-3)
+    # full rank: the dense model
+    apply_runtime(model, RuntimePlan(layers=[0, 1], rank=16, preserve=True))
+    assert torch.allclose(forward(model, IDS), ref, atol=1e-4)
+    remove_runtime(model)
+    assert torch.equal(forward(model, IDS), ref)
+
+
+def test_preserve_needs_llama_attention():
+    from tiny_models import gpt2
+
+    with pytest.raises(ValueError, match="preserve needs Llama-family attention"):
+        apply_runtime(gpt2(), RuntimePlan(layers=[1], rank=4, preserve=True))

@@ -352,14 +352,13 @@ def tucker(items: list, config: TuckerConfig, rank: int, seed: int = 0) -> Candi
     Raises:
         ValueError: slices of different shapes, a rank outside a factor's dimensions, a missing statistic.
     """
-    unit = Unit(tuple(i.target for i in items)) if len(items) == 1 else None
     first = items[0]
     m, n = first.W.shape
     device = first.W.device
-    layout = getattr(_unit_of(items, config), "layout", "matrix")
-    if layout == "matrix":
-        return _matrix(items[0], config, rank, unit)
     tunit = _unit_of(items, config)
+    layout = getattr(tunit, "layout", "matrix")
+    if layout == "matrix":
+        return _matrix(first, config, rank, tunit)
     if rank > tunit.rank_cap:
         raise ValueError(f"core rank {rank} exceeds the factors' dimensions ({m}, {n}): at most {tunit.rank_cap} "
                          f"for layout {tunit.layout}")
