@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "rankcut"
 #: Stages in data-flow order (DESIGN §2): foundations, runtime modules, registries and configuration,
 #: calibration and targets, the pipeline, compression, checkpoints, reports built on them, speed, CLI.
 STAGES = [
-    ("foundation", ["rankcut.utils", "rankcut.linalg", "rankcut.lanczos", "rankcut.dcom", "rankcut.units",
+    ("foundation", ["rankcut.utils", "rankcut.linalg", "rankcut.lanczos", "rankcut.dcom", "rankcut.quant", "rankcut.units",
                     "rankcut.kernels", "rankcut.cost"]),
     ("modules", ["rankcut.modules"]),
     ("registries", ["rankcut.methods", "rankcut.policies", "rankcut.config"]),
