@@ -78,7 +78,9 @@ def lower_hull(points: list[tuple[float, float, Any]]) -> list[tuple[float, floa
     for p in best:
         while len(hull) >= 2:
             (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[0] - x1) > (p[1] - y1) * (x2 - x1):  # hull[-1] above the chord: drop it (keep collinear)
+            lhs, rhs = (y2 - y1) * (p[0] - x1), (p[1] - y1) * (x2 - x1)
+            # hull[-1] above the chord: drop it; collinear points (to rounding) stay, each is a reachable step
+            if lhs - rhs > 1e-12 * max(abs(lhs), abs(rhs), 1e-300):
                 hull.pop()
             else:
                 break
