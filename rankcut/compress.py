@@ -106,19 +106,13 @@ def compress_(
                sequential=config.sequential, progress=progress, timer=timer)
     summary = _finish(model, config, work, order, params_before, start, 0 if windows is None else windows.numel(), calib)
     if runtime is not None:
-        attach_runtime(model, runtime, calib, tokenizer, config)
+        from rankcut.runtime import apply_runtime
+
+        if runtime.outlier_fraction > 0 and not runtime.thresholds and windows is None:  # a data-free method
+            seq_len = config.seq_len or default_seq_len(model)
+            windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
+        apply_runtime(model, runtime, windows, config.batch_size)
     return summary
-
-
-def attach_runtime(model: nn.Module, plan, calib, tokenizer, config: CompressConfig) -> None:
-    """Calibrate the runtime plan's outlier thresholds (when it has none) on ``calib`` and apply it."""
-    from rankcut.runtime import apply_runtime, calibrate_thresholds
-
-    if plan.outlier_fraction > 0 and not plan.thresholds:
-        seq_len = config.seq_len or default_seq_len(model)
-        windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
-        calibrate_thresholds(model, plan, windows, config.batch_size)
-    apply_runtime(model, plan)
 
 
 def policy_context(model: nn.Module, config: CompressConfig, context: dict | None) -> dict:

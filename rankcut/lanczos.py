@@ -107,7 +107,7 @@ def lanczos_svd(A: torch.Tensor, k: int, *, reorth: str = "full", tol: float | N
     V[..., 0] = v
     u_prev = X.new_zeros(b, m)
     scale = X.new_zeros(b)
-    steps, info = 0, {}
+    steps = 0
     target = min(limit, max(k + block, 2 * k))
     while True:
         if target > cap:
@@ -136,8 +136,8 @@ def lanczos_svd(A: torch.Tensor, k: int, *, reorth: str = "full", tol: float | N
         B = torch.diag_embed(alpha[:, :steps]) + torch.diag_embed(beta[:, : steps - 1], offset=1)
         P, S, Qh = torch.linalg.svd(B.to(torch.float64))
         residuals = beta[:, steps - 1, None].to(torch.float64).abs() * P[:, steps - 1, :k].abs()
-        scale = S[:, :1].clamp_min(1e-300)
-        converged = bool((residuals <= tol * scale).all())
+        sigma1 = S[:, :1].clamp_min(1e-300)
+        converged = bool((residuals <= tol * sigma1).all())
         if converged or steps >= limit:
             break
         target = min(limit, steps + block)

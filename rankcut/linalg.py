@@ -180,6 +180,8 @@ def hooi(slices: list[torch.Tensor], r_out: int, r_in: int | None = None, tol: f
     m, n = next(iter(shapes))
     if not 1 <= r_out <= m or (r_in is not None and not 1 <= r_in <= n):
         raise ValueError(f"core ranks ({r_out}, {r_in}) must lie within the factors' dimensions ({m}, {n})")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     W = [s.to(torch.float64) for s in slices]
     total = float(sum((w * w).sum() for w in W))
     if r_in is None:
@@ -188,7 +190,7 @@ def hooi(slices: list[torch.Tensor], r_out: int, r_in: int | None = None, tol: f
         return U_out, cores, None, {"iterations": 1, "energy": float(sum((c * c).sum() for c in cores)), "total": total}
     U_out = _leading_left(W, r_out)
     U_in = _leading_left([w.mT for w in W], r_in)
-    energy, it = -1.0, 0
+    energy = -1.0
     for it in range(1, max_iter + 1):
         U_out = _leading_left([w @ U_in for w in W], r_out)  # of Σ (W U_in)(W U_in)ᵀ
         U_in = _leading_left([w.mT @ U_out for w in W], r_in)
@@ -198,7 +200,6 @@ def hooi(slices: list[torch.Tensor], r_out: int, r_in: int | None = None, tol: f
             energy = new
             break
         energy = new
-    cores = [U_out.mT @ w @ U_in for w in W]
     return U_out, cores, U_in, {"iterations": it, "energy": energy, "total": total}
 
 

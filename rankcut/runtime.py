@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from rankcut.dcom import apply_linear, decompose
+from rankcut.fuse import GROUPS
 
 log = logging.getLogger(__name__)
 
 MODES = ("input", "input+weight")
 #: The projections that read a sub-block's input, grouped by that input (fuse.GROUPS plus single readers).
-READERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("c_attn",), ("c_fc",),
-           ("query_key_value",), ("dense_h_to_4h",), ("fc1",), ("w1", "w3"))
+READERS = (*GROUPS, ("c_attn",), ("c_fc",), ("query_key_value",), ("dense_h_to_4h",), ("fc1",), ("w1", "w3"))
 _ATTR = "_rankcut_runtime"
 
 
@@ -123,16 +123,15 @@ def reader_groups(model: nn.Module, layers: list[int]) -> list[list[tuple[str, n
 
 def _weights(layer: nn.Module, mode: str):
     """``(weight, V_w, U_w, bias)`` of a dense or low-rank projection for :func:`rankcut.dcom.apply_linear`."""
-    from rankcut.modules import LowRankLinear, dense_weight
+    from rankcut.modules import LowRankLinear
 
-    if isinstance(layer, LowRankLinear):
-        if mode == "input+weight":
-            return None, layer.V.weight, layer.U.weight, layer.U.bias
-        return (layer.U.weight.float() @ layer.V.weight.float()).to(layer.U.weight.dtype), None, None, layer.U.bias
     if mode == "input+weight":
-        raise ValueError(f"mode input+weight needs rankcut low-rank layers; {type(layer).__name__} is not one "
-                         "(compress the model first, or use mode input)")
-    return dense_weight(layer), None, None, getattr(layer, "bias", None)
+        if not isinstance(layer, LowRankLinear):
+            raise ValueError(f"mode input+weight needs rankcut low-rank layers; {type(layer).__name__} is not one "
+                             "(compress the model first, or use mode input)")
+        return None, layer.V.weight, layer.U.weight, layer.U.bias
+    weight, bias = _dense(layer)
+    return weight, None, None, bias
 
 
 class _DecomposedCall:
@@ -234,19 +233,29 @@ def _dense(layer: nn.Module):
     from rankcut.modules import LowRankLinear, dense_weight
 
     if isinstance(layer, LowRankLinear):
-        return (layer.U.weight.float() @ layer.V.weight.float()).to(layer.U.weight.dtype), layer.U.bias
+        dense = layer.to_dense()
+        return dense.weight.detach(), None if dense.bias is None else dense.bias.detach()
     return dense_weight(layer), getattr(layer, "bias", None)
 
 
-def apply_runtime(model: nn.Module, plan: RuntimePlan) -> nn.Module:
+def apply_runtime(model: nn.Module, plan: RuntimePlan, calibration: torch.Tensor | None = None,
+                  batch_size: int = 8) -> nn.Module:
     """Decompose the inputs of ``plan.layers`` at run time (in place; :func:`remove_runtime` undoes it) and record
-    the plan on the model's rankcut record (one is created for a dense model).
+    the plan on the model's rankcut record, when it has one.
+
+    A plan with an outlier fraction but no thresholds gets them first from ``calibration`` (N × T token ids,
+    :func:`calibrate_thresholds`).
 
     Raises:
-        ValueError: a block that does not exist, a mode the layers cannot take; nothing is changed then.
+        ValueError: a block that does not exist, a mode the layers cannot take, thresholds needed and no
+            calibration windows; the model is unchanged then.
     """
-    remove_runtime(model)
     groups = reader_groups(model, plan.layers)
+    if plan.outlier_fraction > 0 and not plan.thresholds:
+        if calibration is None:
+            raise ValueError("the plan has an outlier fraction but no thresholds: give calibration windows "
+                             "(or run calibrate_thresholds first)")
+        calibrate_thresholds(model, plan, calibration, batch_size)
     calls = []
     for group in groups:
         state: dict = {}
@@ -267,7 +276,8 @@ def apply_runtime(model: nn.Module, plan: RuntimePlan) -> nn.Module:
                 raise ValueError(f"preserve needs Llama-family attention (q/k/v/o projections); block {i} has "
                                  f"{type(attn).__name__ if attn is not None else 'none'}")
             preserved.append((attn, _PreservedAttention(attn, plan.mode)))
-    for layer, call in calls:  # every call was built: now change the model
+    remove_runtime(model)  # every call was built: now change the model
+    for layer, call in calls:
         layer.forward = call
         setattr(layer, _ATTR, call)
     for attn, call in preserved:

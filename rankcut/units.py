@@ -72,15 +72,24 @@ class Unit:
         return min(min(t.shape) for t in self.targets)
 
     @property
+    def _one_matrix(self) -> bool:
+        """One target with the two-factor parameter model: the closed forms of :mod:`rankcut.linalg` apply."""
+        return len(self.targets) == 1 and type(self).params is Unit.params
+
+    def _largest_rank(self, low: int, fits) -> int:
+        """The largest rank in ``low..rank_cap`` whose parameters ``fits`` (``low`` if none; params() increases)."""
+        high = self.rank_cap
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(self.params(mid)) else (low, mid - 1)
+        return low
+
+    @property
     def limit(self) -> int:
         """The largest rank whose parameters stay strictly below the dense ones (0: no rank pays)."""
-        if len(self.targets) == 1 and type(self).params is Unit.params:
+        if self._one_matrix:
             return max_useful_rank(*self.targets[0].shape)
-        low, high = 0, self.rank_cap
-        while low < high:  # params() is increasing in rank
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if self.params(mid) < self.dense_params else (low, mid - 1)
-        return low
+        return self._largest_rank(0, lambda p: p < self.dense_params)
 
     @property
     def break_even(self) -> float:
@@ -93,14 +102,10 @@ class Unit:
 
     def uniform_rank(self, keep: float) -> int:
         """The largest rank keeping at most ``keep`` of the unit's parameters (at least 1)."""
-        if len(self.targets) == 1 and type(self).params is Unit.params:
+        if self._one_matrix:
             return uniform_rank(*self.targets[0].shape, keep)
         budget = keep * self.dense_params
-        low, high = 1, self.rank_cap
-        while low < high:  # the largest r with params(r) <= budget (params() is increasing in rank)
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if self.params(mid) <= budget else (low, mid - 1)
-        return low
+        return self._largest_rank(1, lambda p: p <= budget)
 
 
 @dataclass(frozen=True)

@@ -154,25 +154,24 @@ def apply_plan_file(model, tokenizer, path: str, calib: str | None, seq_len: int
     import json
 
     from rankcut.data import calibration_windows
-    from rankcut.runtime import RuntimePlan, apply_runtime, calibrate_thresholds
+    from rankcut.runtime import RuntimePlan, apply_runtime
     from rankcut.utils import default_seq_len
 
     try:
         plan = RuntimePlan.from_json(json.loads(Path(os.path.expanduser(path)).read_text()))
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as err:
         raise CLIError(f"--runtime-plan {path}: {err}") from None
+    window = seq_len or default_seq_len(model)
+    windows = None
     if plan.outlier_fraction > 0 and not plan.thresholds:
         if not calib:
             raise CLIError(f"--runtime-plan {path} has an outlier fraction but no thresholds: give --runtime-calib TEXT")
         flags.check_sources(runtime_calib=[calib])
-        windows = calibration_windows(os.path.expanduser(calib), tokenizer, 32, seq_len or default_seq_len(model), 0,
-                                      "first")
-        calibrate_thresholds(model, plan, windows, batch_size)
-    window = seq_len or default_seq_len(model)
+        windows = calibration_windows(os.path.expanduser(calib), tokenizer, 32, window, 0, "first")
     if plan.rank > window:
         raise CLIError(f"--runtime-plan {path}: rank {plan.rank} is larger than the sequence ({window} tokens per window)")
     try:
-        apply_runtime(model, plan)
+        apply_runtime(model, plan, windows, batch_size)
     except ValueError as err:
         raise CLIError(f"--runtime-plan {path}: {err}") from None
     return plan

@@ -166,16 +166,28 @@ def tucker_units(targets: list[TargetInfo], config: TuckerConfig | None = None) 
 # ---------------------------------------------------------------------------------------- preconditioning
 
 
+def _gram(stat: torch.Tensor | None, n: int) -> torch.Tensor:
+    """A target's calibration Gram matrix, checked."""
+    if stat is None:
+        raise ValueError("tucker with precondition='whiten' needs calibration statistics (the Gram matrix XᵀX)")
+    if stat.shape != (n, n):
+        raise ValueError(f"tucker statistic has shape {tuple(stat.shape)}, expected ({n}, {n})")
+    return stat
+
+
 def _cholesky(gram: torch.Tensor | None, n: int, config: TuckerConfig, device) -> torch.Tensor | None:
     """``L`` with ``L Lᵀ = gram`` (float64), or None for the identity (``precondition="none"``)."""
     if config.precondition == "none":
         return None
-    if gram is None:
-        raise ValueError("tucker with precondition='whiten' needs calibration statistics (the Gram matrix XᵀX)")
-    if gram.shape != (n, n):
-        raise ValueError(f"tucker statistic has shape {tuple(gram.shape)}, expected ({n}, {n})")
-    L, _ = safe_cholesky(gram.to(device), damping=config.damping)
+    L, _ = safe_cholesky(_gram(gram, n).to(device), damping=config.damping)
     return L
+
+
+def _pooled_cholesky(grams: list, n: int, config: TuckerConfig, device) -> torch.Tensor | None:
+    """The preconditioner of a factor several slices share: the Cholesky factor of their mean Gram matrix."""
+    if config.precondition == "none":
+        return None
+    return _cholesky(sum(_gram(g, n).to(torch.float64) for g in grams) / len(grams), n, config, device)
 
 
 def _apply(W: torch.Tensor, L: torch.Tensor | None) -> torch.Tensor:
@@ -363,17 +375,14 @@ def tucker(items: list, config: TuckerConfig, rank: int, seed: int = 0) -> Candi
         raise ValueError(f"core rank {rank} exceeds the factors' dimensions ({m}, {n}): at most {tunit.rank_cap} "
                          f"for layout {tunit.layout}")
     if layout == "shared_out":
-        grams = [None if config.precondition == "none" else _checked_gram(i, n) for i in items]
+        grams = [None if config.precondition == "none" else _gram(i.stat, n) for i in items]
         basis, values, total = shared_output_basis([i.W for i in items], grams, rank)
         coefs = [(basis.mT @ i.W.to(torch.float64)).cpu() for i in items]
         return SharedBasisCandidate(tunit, basis.cpu(), coefs, values.cpu(), total)
     if layout == "shared_in":
         return _shared_input(items, config, rank, tunit)
     if layout == "shared_both":
-        pooled = None
-        if config.precondition == "whiten":
-            pooled = sum(_checked_gram(i, n).to(torch.float64) for i in items) / len(items)
-        L = _cholesky(pooled, n, config, device)
+        L = _pooled_cholesky([i.stat for i in items], n, config, device)
         slices = [_apply(i.W, L).cpu() for i in items]
         return TwoSidedCandidate(tunit, slices, None if L is None else L.cpu(), rank, config)
     # heads
@@ -384,11 +393,9 @@ def tucker(items: list, config: TuckerConfig, rank: int, seed: int = 0) -> Candi
         slices = [_apply(W[h * d:(h + 1) * d], L).cpu() for h in range(H)]
     else:
         d = n // H
-        pooled = None
-        if config.precondition == "whiten":
-            G = _checked_gram(first, n).to(torch.float64)
-            pooled = sum(G[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(H)) / H
-        L = _cholesky(pooled, d, config, device)
+        G = None if config.precondition == "none" else _gram(first.stat, n)
+        L = _pooled_cholesky([None if G is None else G[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(H)],
+                             d, config, device)
         slices = [_apply(W[:, h * d:(h + 1) * d], L).cpu() for h in range(H)]
     return TwoSidedCandidate(tunit, slices, None if L is None else L.cpu(), rank, config)
 
@@ -401,26 +408,14 @@ def _shared_input(items: list, config: TuckerConfig, rank: int, unit: TuckerUnit
     The spectrum (for policies) is the stacked matrix's under the pooled whitening, an estimate of the layers'
     own errors."""
     n = items[0].W.shape[1]
-    device = items[0].W.device
-    grams = [None if config.precondition == "none" else _checked_gram(i, n).to(torch.float64) for i in items]
-    L = _cholesky(sum(grams) / len(grams) if grams[0] is not None else None, n, config, device)
-    stacked = torch.cat([_apply(i.W, L) for i in items], 0)
-    M = stacked.mT @ stacked
-    values, vectors = torch.linalg.eigh((M + M.mT) / 2)
-    V, values = vectors.flip(1)[:, :rank], values.flip(0)[:rank].clamp_min(0)
+    grams = [None if config.precondition == "none" else _gram(i.stat, n).to(torch.float64) for i in items]
+    L = _pooled_cholesky(grams, n, config, items[0].W.device)
+    # the right singular subspace of the stacked [W_g L̄] is the output basis of the transposed slices
+    V, values, total = shared_output_basis([_apply(i.W, L).mT for i in items], [None] * len(items), rank)
     B = _unapply(V.mT, L).mT  # n × rank: x ↦ Bᵀ x
     weights = [i.W.detach().to(torch.float64).cpu() for i in items]
     grams = [None if G is None else G.cpu() for G in grams]
-    return SharedBasisCandidate(unit, B.cpu(), None, values.cpu(), float(torch.diagonal(M).sum()), side="in",
-                                weights=weights, grams=grams)
-
-
-def _checked_gram(item, n: int) -> torch.Tensor:
-    if item.stat is None:
-        raise ValueError("tucker with precondition='whiten' needs calibration statistics (the Gram matrix XᵀX)")
-    if item.stat.shape != (n, n):
-        raise ValueError(f"tucker statistic has shape {tuple(item.stat.shape)}, expected ({n}, {n})")
-    return item.stat
+    return SharedBasisCandidate(unit, B.cpu(), None, values.cpu(), total, side="in", weights=weights, grams=grams)
 
 
 def _unit_of(items: list, config: TuckerConfig) -> Unit:
