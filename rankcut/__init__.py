@@ -10,6 +10,7 @@ Public API::
     rankcut.perplexity(model, tok, "heldout.txt")
     rankcut.recover_(model, tok, "tune.txt", rankcut.RecoverConfig(steps=1000), eval_text="heldout.txt")
     report = rankcut.analyze(model, calib=texts, tokenizer=tok)   # spectra, energy ranks, speedup bounds
+    out = rankcut.generate(model, tok, ["def add(a, b):"], max_new_tokens=32)   # out.texts, out.tokens_per_s
 """
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ def _started_as_cli() -> bool:
 
 try:  # torch and transformers take seconds to import: Ctrl-C then is an interrupt like any other for the CLI
     from rankcut.analyze import AnalysisReport, analyze
+    from rankcut.bench.generate import GenerationResult, generate
     from rankcut.compress import compress_
     from rankcut.config import CompressConfig, RecoverConfig
     from rankcut.evaluate import evaluate, perplexity
@@ -61,6 +63,7 @@ __all__ = [
     "CheckpointError",
     "CompressConfig",
     "CompressionSummary",
+    "GenerationResult",
     "LowRankLinear",
     "Record",
     "RecoverConfig",
@@ -73,6 +76,7 @@ __all__ = [
     "compress_",
     "evaluate",
     "find_targets",
+    "generate",
     "load",
     "perplexity",
     "prepare_for_inference",

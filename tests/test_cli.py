@@ -233,7 +233,8 @@ def test_every_flag_has_help_with_its_default():
     default."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"compress", "eval", "analyze", "sensitivity", "search", "sweep", "recover", "bench"}
+    assert set(sub.choices) == {"compress", "eval", "analyze", "sensitivity", "search", "sweep", "recover", "bench",
+                                "generate"}
     for name, p in sub.choices.items():
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):

@@ -10,6 +10,12 @@ layers differ (``nn.Linear`` / ``Conv1D`` or :class:`~rankcut.modules.LowRankLin
 Projections that read the same input are fused at construction (``fuse=True``; q/k/v and gate/up, dense
 or low-rank alike; :mod:`rankcut.kernels.grouped`). Supported: the Llama family (``llama``, ``mistral``,
 ``qwen2``: RMSNorm, rotary, GQA, SiLU-gated MLP) and GPT-2.
+
+A batch of prompts of different lengths (:mod:`rankcut.bench.generate`) is left-padded: every row shares the cache
+slots ``pos[0] + t``, and ``pad`` (B,) says how many leading slots of each row are padding. Row b's token in
+slot j then sits at position ``j - pad[b]`` (rotary / position embedding) and attends to slots
+``pad[b] .. j`` only: what Hugging Face ``generate`` computes from a left-padded batch and its attention
+mask. Without ``pad`` (the benchmark) every row is a full-length sequence, and the step is unchanged.
 """
 
 from __future__ import annotations
@@ -41,16 +47,41 @@ class _Decoder:
         """Bytes of the KV cache; a decode step reads all of it (masked attention over the static length)."""
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
-    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """Additive attention mask (1, 1, T, max_len): 0 where key position ≤ query position, else -inf."""
-        allowed = self.arange[None, :] <= positions[:, None]
+    def _mask(self, positions: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Additive attention mask: 0 where key slot ≤ query slot, else the dtype's minimum; (1, 1, T, max_len).
+
+        With ``pad`` (B,): (B, 1, T, max_len), also masking each row's ``pad[b]`` leading slots; a padding
+        query sees itself only, so that no row of the softmax is empty (its output is never read)."""
+        keys = self.arange[None, :]
+        allowed = keys <= positions[:, None]
+        if pad is not None:
+            allowed = (allowed & (keys >= pad[:, None, None])) | (keys == positions[:, None])
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.where(allowed, zero, torch.finfo(self.dtype).min)[None, None]
+        mask = torch.where(allowed, zero, torch.finfo(self.dtype).min)
+        return mask[None, None] if pad is None else mask[:, None]
+
+    @staticmethod
+    def _row_positions(positions: torch.Tensor, pad: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Position (B, T) of each row's tokens: the slot, less the row's padding (padding slots get 0)."""
+        if pad is None:
+            return positions[None].expand(batch, -1)
+        return (positions[None, :] - pad[:, None]).clamp(min=0)
 
     def unfuse(self) -> None:
         """Give the layers back their own parameter storage (e.g. before saving the model)."""
         for g in self.groups:
             g.unshare()
+
+    def release(self) -> None:
+        """Unfuse and drop the groups and the cache: the decoder is not usable afterwards. Each group is dropped
+        as soon as its layers own their storage again, so memory peaks at one group's weights above the model."""
+        groups, self.groups = self.groups, []
+        for name in ("qkv", "gate_up"):
+            if hasattr(self, name):
+                setattr(self, name, [])
+        self.k_cache, self.v_cache = [], []
+        while groups:
+            groups.pop().unshare()
 
     def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
         """Attention of q (B, H, T, D) over the whole static cache of layer i; returns (B, T, H·D)."""
@@ -83,13 +114,14 @@ class LlamaDecoder(_Decoder):
         self.groups = self.qkv + self.gate_up
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed at positions ``pos[0]`` + t."""
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed in cache slots ``pos[0]`` + t
+        (each row's first ``pad[b]`` slots being left padding, when given)."""
         B, T = ids.shape
         positions = pos + self.arange[:T]
         h = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(h, positions[None].expand(B, T))
-        mask = self._mask(positions)
+        cos, sin = self.inner.rotary_emb(h, self._row_positions(positions, pad, B))
+        mask = self._mask(positions, pad)
         res = None
         for i, layer in enumerate(self.layers):
             x, res = ops.add_rmsnorm(h, res, layer.input_layernorm)
@@ -115,12 +147,14 @@ class GPT2Decoder(_Decoder):
         super().__init__(model, batch, max_len, self.heads, self.head_dim, len(self.blocks))
         self.tanh_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed at positions ``pos[0]`` + t."""
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed in cache slots ``pos[0]`` + t
+        (each row's first ``pad[b]`` slots being left padding, when given)."""
         B, T = ids.shape
         positions = pos + self.arange[:T]
-        h = self.tr.wte(ids) + self.tr.wpe(positions)[None]
-        mask = self._mask(positions)
+        wpe = self.tr.wpe(positions)[None] if pad is None else self.tr.wpe(self._row_positions(positions, pad, B))
+        h = self.tr.wte(ids) + wpe
+        mask = self._mask(positions, pad)
         E, H, D = self.embed, self.heads, self.head_dim
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(E, dim=-1)
@@ -134,19 +168,24 @@ class GPT2Decoder(_Decoder):
         return self.model.lm_head(self.tr.ln_f(h)[:, -1, :])
 
 
+def check_supported(model: nn.Module) -> None:
+    """Raise ValueError unless rankcut's decode step supports ``model``'s architecture."""
+    kind = getattr(getattr(model, "config", None), "model_type", "")
+    if kind in LLAMA_FAMILY:
+        if hasattr(model.model.layers[0].self_attn, "q_norm"):
+            raise ValueError(f"{type(model).__name__}: rankcut's decode step does not support attention with q/k norms")
+        return
+    if kind != "gpt2":
+        raise ValueError(f"rankcut's decode step supports the Llama family ({', '.join(LLAMA_FAMILY)}) and GPT-2, "
+                         f"not model_type {kind!r}")
+
+
 def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True) -> _Decoder:
     """The decode step for ``model``.
 
     Raises:
-        ValueError: an architecture the benchmark does not support.
+        ValueError: an architecture the decode step does not support (:func:`check_supported`).
     """
-    kind = getattr(model.config, "model_type", "")
-    if kind in LLAMA_FAMILY:
-        attn = model.model.layers[0].self_attn
-        if hasattr(attn, "q_norm"):
-            raise ValueError(f"{type(model).__name__}: attention with q/k norms is not supported by the decode benchmark")
-        return LlamaDecoder(model, batch, max_len, fuse)
-    if kind == "gpt2":
-        return GPT2Decoder(model, batch, max_len, fuse)
-    raise ValueError(f"the decode benchmark supports the Llama family ({', '.join(LLAMA_FAMILY)}) and GPT-2, "
-                     f"not model_type {kind!r}")
+    check_supported(model)
+    cls = GPT2Decoder if model.config.model_type == "gpt2" else LlamaDecoder
+    return cls(model, batch, max_len, fuse)

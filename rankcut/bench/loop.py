@@ -1,20 +1,47 @@
-"""The timed decode loop: prefill, then one decode step captured once in a CUDA graph and replayed.
+"""Decode loops: prefill, then one decode step captured once in a CUDA graph and replayed.
 
-Greedy decoding runs entirely on the device: the step writes its argmax into the static input buffer and
-advances the position tensor, so ``new_tokens`` replays run back to back with no host synchronisation.
-The same loop runs eagerly where CUDA graphs are unavailable (the CPU, or ``use_graph=False``).
+- :class:`DecodeLoop` (the benchmark, :func:`time_decode`): greedy decoding runs entirely on the device: the
+  step writes its argmax into the static input buffer and advances the position tensor, so ``new_tokens``
+  replays run back to back with no host synchronisation.
+- :class:`GenerationLoop` (:func:`rankcut.bench.generate.generate`): a left-padded batch of prompts, the next
+  token chosen on the device by a :class:`~rankcut.bench.sampling.Sampler` (greedy or seeded sampling). The
+  host looks at the tokens only every ``check_every`` steps (every step when streaming) to decide whether every
+  row has finished (end of sequence, a stop string); rows that finished early keep being computed until then,
+  and their extra tokens are ignored.
+
+Both run eagerly where CUDA graphs are unavailable (the CPU, or ``use_graph=False``).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from rankcut.bench.decode import _Decoder
+from rankcut.bench.sampling import Sampler
 from rankcut.bench.timing import EnergyMeter
+
+
+def capture(step: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """``step`` run ``warmup`` times eagerly on a side stream (Triton compilation, scratch allocation, cuBLAS
+    handles), then captured once in a CUDA graph. The warm-up runs change the buffers ``step`` updates: reset
+    them (a new prefill) before replaying."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    return graph
 
 
 class DecodeLoop:
@@ -48,17 +75,7 @@ class DecodeLoop:
 
     def _capture(self) -> None:
         self.prefill()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: Triton compilation, scratch allocation, cuBLAS handles
-            for _ in range(min(2, self.new_tokens)):
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
-        torch.cuda.synchronize()
+        self.graph = capture(self.step, warmup=min(2, self.new_tokens))
 
     def run_steps(self) -> None:
         """``new_tokens`` decode steps after a prefill (not timed here)."""
@@ -67,6 +84,71 @@ class DecodeLoop:
                 self.graph.replay()
             else:
                 self.step()
+
+
+class GenerationLoop:
+    """Static buffers and the (captured) step for one batch and generation length.
+
+    Args:
+        decoder: from :func:`~rankcut.bench.decode.make_decoder`, for ``batch`` rows and at least
+            ``prompt.shape[1] + max_new_tokens`` cache slots.
+        prompt: (B, L) token ids, each row left-padded to L.
+        pad: (B,) the number of padding slots of each row.
+        max_new_tokens: tokens to generate at most (the first comes from the prefill).
+        sampler: the device-side choice of the next token.
+        use_graph: capture the step in a CUDA graph (captured here, after a throwaway prefill and warm-up).
+    """
+
+    def __init__(self, decoder: _Decoder, prompt: torch.Tensor, pad: torch.Tensor, max_new_tokens: int,
+                 sampler: Sampler, use_graph: bool) -> None:
+        self.dec, self.prompt, self.pad, self.sampler = decoder, prompt, pad, sampler
+        self.batch, self.prompt_len = prompt.shape
+        self.max_new_tokens = max_new_tokens
+        dev = decoder.device
+        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(self.batch, max_new_tokens, dtype=torch.long, device=dev)
+        self.graph = None
+        if use_graph and max_new_tokens > 1:
+            self.prefill()
+            self.graph = capture(self.step, warmup=min(2, max_new_tokens - 1))
+
+    def prefill(self) -> None:
+        """Run the prompts through the model (filling the cache) and choose the first token."""
+        self.pos.zero_()
+        nxt = self.sampler(self.dec.forward(self.prompt, self.pos, self.pad), self.pos)
+        self.ids.copy_(nxt.view(self.batch, 1))
+        self.tokens[:, 0] = nxt
+        self.pos.fill_(self.prompt_len)
+
+    def step(self) -> None:
+        """One decode step on the static buffers (what the graph replays)."""
+        index = self.pos - (self.prompt_len - 1)  # of the token chosen now among the generated ones
+        nxt = self.sampler(self.dec.forward(self.ids, self.pos, self.pad), index).view(self.batch, 1)
+        self.ids.copy_(nxt)
+        self.tokens.index_copy_(1, index, nxt)
+        self.pos.add_(1)
+
+    @torch.no_grad()
+    def run(self, on_tokens: Callable[[list[list[int]]], bool], check_every: int = 16) -> int:
+        """Prefill, then decode until ``on_tokens`` says every row has finished or ``max_new_tokens`` are made.
+
+        ``on_tokens`` receives the tokens made since its last call, one list per row, at least every
+        ``check_every`` tokens and after the last one; it returns True to stop. Returns the tokens made per row.
+        """
+        self.prefill()
+        made, seen = 1, 0
+        while True:
+            if made == self.max_new_tokens or made - seen >= check_every:
+                finished = on_tokens(self.tokens[:, seen:made].tolist())
+                seen = made
+                if finished or made == self.max_new_tokens:
+                    return made
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            made += 1
 
 
 def _sync(device: torch.device) -> None:

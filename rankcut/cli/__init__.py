@@ -1,6 +1,6 @@
 """The ``rankcut`` command line: one module per subcommand (``compress``, ``eval``, ``analyze``, ``sweep``,
-``recover``, ``bench``), each parsing its flags and calling the Python API; the output it prints or writes
-comes from :mod:`rankcut.report`.
+``recover``, ``bench``, ``generate``), each parsing its flags and calling the Python API; the output it prints
+or writes comes from :mod:`rankcut.report`.
 
 Errors: the API's ValueError (and OSError) becomes ``rankcut: error: …`` and exit code 2, its wording turned
 into the command line's by :func:`cli_message`; Ctrl-C anywhere becomes ``rankcut: interrupted; …`` and exit
@@ -16,7 +16,7 @@ import re
 import sys
 
 #: The subcommand modules of this package, in the order ``rankcut --help`` lists them.
-SUBCOMMANDS = ("compress", "evaluate", "analyze", "sensitivity", "search", "sweep", "recover", "bench")
+SUBCOMMANDS = ("compress", "evaluate", "analyze", "sensitivity", "search", "sweep", "recover", "bench", "generate")
 
 
 class CLIError(ValueError):
