@@ -92,6 +92,8 @@ def compress_(
         torch.cuda.reset_peak_memory_stats(device)
     windows = None
     check_inputs(config, calib)
+    if config.factor_dtype is not None:
+        _check_factor_dtype(model, config, device, runtime)
     if work.stat is not None:
         with timer("calibration text"):
             seq_len = config.seq_len or default_seq_len(model)
@@ -104,6 +106,12 @@ def compress_(
             raise ValueError("the runtime plan's outlier thresholds are calibrated on text: give calib=...")
     run_blocks(model, targets, windows, work, device=device, batch_size=config.batch_size, layerwise=config.layerwise,
                sequential=config.sequential, progress=progress, timer=timer)
+    if config.factor_dtype is not None:
+        from rankcut.quantize import quantize_factors_
+
+        with timer("quantization"):
+            quantize_factors_(model, config.factor_dtype, config.factor_group, windows, config.compensate, device,
+                              config.batch_size, progress)
     summary = _finish(model, config, work, order, params_before, start, 0 if windows is None else windows.numel(), calib)
     if runtime is not None:
         from rankcut.runtime import apply_runtime
@@ -113,6 +121,29 @@ def compress_(
             windows = calibration_windows(calib, tokenizer, config.calib_samples, seq_len, config.seed, config.sampling)
         apply_runtime(model, runtime, windows, config.batch_size)
     return summary
+
+
+def _check_factor_dtype(model: nn.Module, config: CompressConfig, device: torch.device, runtime) -> None:
+    """Refuse, before any swap, quantised factors that cannot run or be built here."""
+    from rankcut.kernels.dispatch import triton_available
+    from rankcut.quant import check_group
+    from rankcut.targets import find_targets
+
+    if device.type == "cuda" and not triton_available():
+        raise ValueError(f"factor_dtype {config.factor_dtype!r} on CUDA needs Triton for its dequantising kernels, "
+                         "and Triton is not importable: install triton, or compress on the CPU (device='cpu')")
+    if runtime is not None:
+        raise ValueError("runtime activation decomposition reads float factors: it does not combine with factor_dtype")
+    if config.method_spec.name == "tucker":
+        raise ValueError("factor_dtype quantises low-rank factors; method 'tucker' stores shared bases and cores")
+    if config.factor_dtype == "int4":
+        from rankcut.modules.dense import dense_shape
+
+        for name, module in find_targets(model, config.include, config.exclude).items():
+            try:
+                check_group(dense_shape(module)[1], config.factor_group)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err} (choose factor_group dividing it)") from None
 
 
 def policy_context(model: nn.Module, config: CompressConfig, context: dict | None) -> dict:

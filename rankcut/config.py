@@ -112,6 +112,12 @@ class CompressConfig:
             calibration activations); False runs the whole model with hooks.
         sequential: with ``layerwise``, calibrate each block on the outputs of the already-compressed blocks
             before it instead of on the dense model's activations.
+        factor_dtype: store the low-rank factors quantised (``int8``, ``fp8`` e4m3, ``int4``; None: in the
+            model's float dtype), by :func:`rankcut.quantize.quantize_factors_` after the decomposition.
+        factor_group: int4 scales: one per this many input columns of each factor (must divide every target's
+            input dimension).
+        compensate: quantise V first, refit U to it by least squares in the layer's input norm (a second
+            calibration pass), then quantise U; False quantises both factors as they are.
     """
 
     method: str = "whiten"
@@ -132,6 +138,9 @@ class CompressConfig:
     batch_size: int = 8
     layerwise: bool = True
     sequential: bool = False
+    factor_dtype: str | None = None
+    factor_group: int = 128
+    compensate: bool = True
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -172,6 +181,15 @@ class CompressConfig:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.sequential and not self.layerwise:
             raise ValueError("sequential calibration needs layerwise processing")
+        if self.factor_dtype is not None:
+            from rankcut.quant import FORMATS, check_group
+
+            if self.factor_dtype not in FORMATS:
+                raise ValueError(f"unknown factor_dtype {self.factor_dtype!r}; choose one of {', '.join(FORMATS)}")
+            if self.factor_dtype == "int4":
+                check_group(self.factor_group, self.factor_group)  # even and >= 2 (a dimension of one group)
+        if not isinstance(self.compensate, bool):
+            raise ValueError(f"compensate must be True or False, got {self.compensate!r}")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"config version {self.version} is newer than this rankcut understands ({CONFIG_VERSION}); "

@@ -66,21 +66,38 @@ def dense_time(m: int, n: int, rows: int = 1, profile: DeviceProfile = H200_BF16
     return max(dense_bytes_time(m * n * profile.bytes_per_elem, profile), 2 * rows * m * n / profile.flops)
 
 
-def group_time(shapes: list[tuple[int, int, int | None]], rows: int = 1, profile: DeviceProfile = H200_BF16) -> float:
+def factor_bytes(fmt: str | None, group: int = 128, profile: DeviceProfile = H200_BF16) -> float:
+    """Bytes per factor element read by the kernels: the profile's dtype (None), 1 for ``int8`` / ``fp8`` (their
+    per-channel float32 scales are counted apart, :func:`group_time`), ``0.5 + 4 / group`` for ``int4``."""
+    if fmt is None:
+        return float(profile.bytes_per_elem)
+    if fmt in ("int8", "fp8"):
+        return 1.0
+    if fmt == "int4":
+        return 0.5 + 4.0 / group
+    raise ValueError(f"unknown factor format {fmt!r}")
+
+
+def group_time(shapes: list[tuple[int, int, int | None]], rows: int = 1, profile: DeviceProfile = H200_BF16,
+               elem_bytes: float | None = None, channel_scales: bool = False) -> float:
     """Predicted seconds of one launch unit over targets ``(m, n, rank or None)`` that share an input: one dense
-    GEMV over the concatenated weights, or rankcut's two low-rank launches over the stacked factors."""
-    e = profile.bytes_per_elem
+    GEMV over the concatenated weights, or rankcut's two low-rank launches over the stacked factors, whose
+    elements take ``elem_bytes`` each (default: the profile's dtype; :func:`factor_bytes`) plus, with
+    ``channel_scales``, one float32 per output channel of each factor (int8, fp8)."""
+    e = profile.bytes_per_elem if elem_bytes is None else elem_bytes
     if all(r is None for _, _, r in shapes):
         return dense_time(sum(m for m, _, _ in shapes), shapes[0][1], rows, profile)
-    v = sum(r * n for _, n, r in shapes) * e
-    u = sum(m * r for m, _, r in shapes) * e
-    flops = 2 * rows * (v + u) / e
+    v = sum(r * n for _, n, r in shapes) * e + (4 * sum(r for _, _, r in shapes) if channel_scales else 0)
+    u = sum(m * r for m, _, r in shapes) * e + (4 * sum(m for m, _, _ in shapes) if channel_scales else 0)
+    flops = 2 * rows * sum((r * n + m * r) for m, n, r in shapes)
     return max(profile.p1_floor + v / profile.p1_bw + profile.p2_floor + u / profile.p2_bw, flops / profile.flops)
 
 
-def lowrank_time(m: int, n: int, rank: int, rows: int = 1, profile: DeviceProfile = H200_BF16) -> float:
-    """Predicted seconds of a rank-``rank`` (m × n) projection through rankcut's kernels."""
-    return group_time([(m, n, rank)], rows, profile)
+def lowrank_time(m: int, n: int, rank: int, rows: int = 1, profile: DeviceProfile = H200_BF16,
+                 fmt: str | None = None, group: int = 128) -> float:
+    """Predicted seconds of a rank-``rank`` (m × n) projection through rankcut's kernels, with factors stored
+    as ``fmt`` (None: the profile's dtype)."""
+    return group_time([(m, n, rank)], rows, profile, factor_bytes(fmt, group, profile), fmt in ("int8", "fp8"))
 
 
 #: Below this predicted speedup of the targets, ``compress_`` warns that decoding will not get faster.
@@ -110,16 +127,19 @@ def launch_units(rows: list[tuple[str, int, int, int | None]]) -> list[list[tupl
 
 
 def targets_time(rows: list[tuple[str, int, int, int | None]], batch: int = 1,
-                 profile: DeviceProfile = H200_BF16) -> float:
-    """Predicted seconds for all targets of one decode step."""
-    return sum(group_time(unit, batch, profile) for unit in launch_units(rows))
+                 profile: DeviceProfile = H200_BF16, fmt: str | None = None, group: int = 128) -> float:
+    """Predicted seconds for all targets of one decode step (low-rank factors stored as ``fmt``)."""
+    e = factor_bytes(fmt, group, profile)
+    return sum(group_time(unit, batch, profile, e, fmt in ("int8", "fp8")) for unit in launch_units(rows))
 
 
 def decode_time(rows: list[tuple[str, int, int, int | None]], head: tuple[int, int] | None, glue_kernels: int,
-                kv_bytes: int = 0, batch: int = 1, profile: DeviceProfile = H200_BF16) -> dict:
-    """Predicted seconds of one decode step: the targets, the LM head (a dense (vocab × hidden) GEMV), and
-    ``glue_kernels`` small kernels (one ``glue`` each) plus the KV cache read at ``dense_bw``."""
-    t_targets = targets_time(rows, batch, profile)
+                kv_bytes: int = 0, batch: int = 1, profile: DeviceProfile = H200_BF16, fmt: str | None = None,
+                group: int = 128) -> dict:
+    """Predicted seconds of one decode step: the targets (low-rank factors stored as ``fmt``), the LM head (a
+    dense (vocab × hidden) GEMV), and ``glue_kernels`` small kernels (one ``glue`` each) plus the KV cache read
+    at ``dense_bw``."""
+    t_targets = targets_time(rows, batch, profile, fmt, group)
     t_head = dense_time(*head, batch, profile) if head else 0.0
     t_glue = glue_kernels * profile.glue + kv_bytes / profile.dense_bw
     return {"targets_s": t_targets, "head_s": t_head, "glue_s": t_glue, "total_s": t_targets + t_head + t_glue}

@@ -78,7 +78,7 @@ def prepare_for_inference(model: nn.Module) -> int:
     Returns:
         The number of groups fused.
     """
-    from rankcut.modules.grouped import DenseGroup, LowRankGroup, make_group
+    from rankcut.modules.grouped import DenseGroup, LowRankGroup, QuantLowRankGroup, make_group
 
     if is_fused(model):
         return len(getattr(model, _ATTR))
@@ -88,7 +88,7 @@ def prepare_for_inference(model: nn.Module) -> int:
         if len(widths) != 1 or None in widths:
             continue
         group = make_group(layers)
-        if not isinstance(group, (LowRankGroup, DenseGroup)):
+        if not isinstance(group, (LowRankGroup, DenseGroup, QuantLowRankGroup)):
             continue
         state: dict = {}
         for index, layer in enumerate(layers):

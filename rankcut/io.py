@@ -133,6 +133,8 @@ def _unique_state(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[str
     CPU, floating-point tensors cast to ``dtype``; tensors that share storage without being the same tensor
     (views of one buffer, as fused layers have) are copied so that safetensors accepts them."""
     state, tied, owner, storages = {}, {}, {}, {}
+    fixed = {f"{prefix}.{key}" for prefix, module in model.named_modules() if getattr(module, "keeps_dtype", False)
+             for key in module._buffers}  # quantised codes and their scales keep their dtypes
     for name, tensor in model.state_dict(keep_vars=True).items():
         key = id(tensor)
         if key in owner:
@@ -140,7 +142,7 @@ def _unique_state(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[str
             continue
         owner[key] = name
         value = tensor.detach()
-        if dtype is not None and value.is_floating_point():
+        if dtype is not None and value.is_floating_point() and name not in fixed:
             value = value.to(dtype)
         value = value.contiguous().cpu()
         if value.numel():
@@ -321,6 +323,26 @@ def _check_ties(path: Path, record: Record, rename, tied: dict[str, str]) -> Non
                                       "or written by another tool; re-save it from the model with rankcut.save")
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_load_dtype(record: Record, dtype) -> None:
+    """``load``'s ``dtype`` casts the float weights (and sets the activations' dtype); quantised factors keep their
+    codes and scales whatever it is. A dtype that cannot be a compute dtype — an integer type, or a float8
+    type, which would mean re-quantising — is refused, naming what the checkpoint stores.
+
+    Raises:
+        CheckpointError: a ``dtype`` that is not float16, bfloat16, float32 or float64.
+    """
+    if dtype is None or dtype in COMPUTE_DTYPES:
+        return
+    formats = sorted({e.get("format") for e in record.targets.values() if e.get("type") == "quant_lowrank"})
+    stored = (f"its factors are stored quantised ({', '.join(formats)} codes with float32 scales), which dtype= "
+              "does not change; " if formats else "")
+    raise CheckpointError(f"cannot load with dtype={dtype}: {stored}dtype= sets the compute dtype and must be one of "
+                          f"{', '.join(str(d).removeprefix('torch.') for d in COMPUTE_DTYPES)}")
+
+
 def load(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -350,6 +372,7 @@ def load(
 
     path = Path(path)
     record = read_record(path)
+    check_load_dtype(record, dtype)
     _verify_files(path, record, verify)
     config = base_config(path)
     cls = model_class(record.architecture, config, auto_class)

@@ -36,12 +36,16 @@ def _scales(absmax: torch.Tensor, fmt: str) -> torch.Tensor:
     return (absmax / _LIMIT[fmt]).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def quantize(W: torch.Tensor, fmt: str, group: int = 128) -> Quantized:
+def quantize(W: torch.Tensor, fmt: str, group: int = 128, ragged: bool = False) -> Quantized:
     """Quantise a matrix (out × in).
+
+    ``ragged`` (int4): the last group of each row may be shorter than ``group`` (scales ``ceil(in / group)`` per
+    row); used for a factor whose input dimension is a rank, which the allocation chooses. The input dimension
+    must still be even (two codes per byte).
 
     Raises:
         ValueError: an unknown format, a non-matrix, non-finite values, or (int4) a group size that does not
-            divide the input dimension or an odd group.
+            divide the input dimension (unless ``ragged``), an odd group or an odd input dimension.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown factor format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -52,11 +56,11 @@ def quantize(W: torch.Tensor, fmt: str, group: int = 128) -> Quantized:
     m, n = W.shape
     X = W.detach().to(torch.float32)
     if fmt == "int4":
-        if group < 2 or group % 2 or n % group:
-            raise ValueError(f"int4 group size {group} must be even and divide the input dimension {n}")
-        G = X.view(m, n // group, group)
+        check_group(n, group, ragged)
+        pad = (-n) % group
+        G = torch.nn.functional.pad(X, (0, pad)).view(m, (n + pad) // group, group)
         scale = _scales(G.abs().amax(-1), fmt)  # m × groups
-        codes = torch.round(G / scale[..., None]).clamp(-7, 7).to(torch.int8).view(m, n)
+        codes = torch.round(G / scale[..., None]).clamp(-7, 7).to(torch.int8).view(m, n + pad)[:, :n]
         packed = ((codes[:, 0::2] & 0x0F) | ((codes[:, 1::2] & 0x0F) << 4)).to(torch.uint8)
         return Quantized(packed, scale, fmt, (m, n), group)
     scale = _scales(X.abs().amax(1), fmt)  # m
@@ -68,6 +72,16 @@ def quantize(W: torch.Tensor, fmt: str, group: int = 128) -> Quantized:
     return Quantized(data, scale, fmt, (m, n))
 
 
+def check_group(n: int, group: int, ragged: bool = False) -> None:
+    """Raise ValueError unless int4 groups of ``group`` fit an input dimension ``n``."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2:
+        raise ValueError(f"int4 group size must be an even integer >= 2, got {group!r}")
+    if n % 2:
+        raise ValueError(f"int4 packs two codes per byte: the input dimension {n} must be even")
+    if not ragged and n % group:
+        raise ValueError(f"int4 group size {group} does not divide the input dimension {n}")
+
+
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The matrix ``scale · codes`` in ``dtype``."""
     m, n = q.shape
@@ -77,7 +91,9 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor
         low = torch.where(low > 7, low - 16, low)
         high = torch.where(high > 7, high - 16, high)
         codes = torch.stack([low, high], -1).view(m, n).to(torch.float32)
-        return (codes.view(m, n // q.group, q.group) * q.scale[..., None]).view(m, n).to(dtype)
+        pad = (-n) % q.group
+        codes = torch.nn.functional.pad(codes, (0, pad)).view(m, (n + pad) // q.group, q.group)
+        return (codes * q.scale[..., None]).view(m, n + pad)[:, :n].to(dtype)
     return (q.data.to(torch.float32) * q.scale[:, None]).to(dtype)
 
 

@@ -61,8 +61,10 @@ def resolve_device(device: str | torch.device | None = None, model: nn.Module | 
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of ``model`` (each shared parameter once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of ``model`` (each shared parameter once); a quantised factor (a module with ``keeps_dtype``,
+    :class:`rankcut.modules.QuantFactor`) counts its matrix's elements."""
+    quantised = sum(m.out_features * m.in_features for m in model.modules() if getattr(m, "keeps_dtype", False))
+    return sum(p.numel() for p in model.parameters()) + quantised
 
 
 def default_seq_len(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ STAGES = [
     ("registries", ["rankcut.methods", "rankcut.policies", "rankcut.config"]),
     ("calibration", ["rankcut.data", "rankcut.calibrate", "rankcut.targets", "rankcut.summary", "rankcut.record"]),
     ("pipeline", ["rankcut.pipeline", "rankcut.factorize"]),
-    ("compress", ["rankcut.compress", "rankcut.fuse", "rankcut.runtime"]),
+    ("compress", ["rankcut.compress", "rankcut.fuse", "rankcut.runtime", "rankcut.quantize"]),
     ("checkpoint", ["rankcut.io", "rankcut.hf"]),
     ("reports", ["rankcut.evaluate", "rankcut.analyze", "rankcut.sensitivity", "rankcut.search", "rankcut.sweep",
                  "rankcut.plots", "rankcut.adapters",

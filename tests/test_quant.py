@@ -61,8 +61,12 @@ def test_compensation_lowers_the_whitened_error():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="group size 100 must be even and divide the input dimension 256"):
+    with pytest.raises(ValueError, match="int4 group size 100 does not divide the input dimension 256"):
         quantize(_W(), "int4", group=100)
+    with pytest.raises(ValueError, match="group size must be an even integer >= 2, got 33"):
+        quantize(_W(), "int4", group=33, ragged=True)
+    with pytest.raises(ValueError, match="the input dimension 255 must be even"):
+        quantize(_W(n=255), "int4", group=128, ragged=True)
     with pytest.raises(ValueError, match="unknown factor format 'int2'"):
         quantize(_W(), "int2")
     with pytest.raises(ValueError, match="non-finite"):

@@ -113,6 +113,9 @@ def weight_bytes(model: nn.Module) -> int:
         if p.data_ptr() in tables and p.data_ptr() != head_ptr:
             continue
         total += p.numel() * p.element_size()
+    for module in model.modules():  # quantised factors: codes and scales are buffers
+        if getattr(module, "keeps_dtype", False):
+            total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
     return total
 
 

@@ -17,7 +17,7 @@ from rankcut import cost
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.loop import time_decode
 from rankcut.bench.models import RANDOM_PREFIX, PRESETS, preset_config, random_lowrank_, random_model, weight_bytes
-from rankcut.modules import LowRankLinear, SharedBasisLinear, dense_shape, rankcut_modules
+from rankcut.modules import LowRankLinear, QuantLowRankLinear, SharedBasisLinear, dense_shape, rankcut_modules
 from rankcut.targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def target_rows(model) -> list[tuple[str, int, int, int | None]]:
     """``(name, m, n, rank or None)`` of every low-rank layer (shared-basis ones too: a shared factor counts at
     every layer that reads it) and every remaining dense target."""
     rows = [(n, m.out_features, m.in_features, m.rank) for n, m in rankcut_modules(model).items()
-            if isinstance(m, (LowRankLinear, SharedBasisLinear))]
+            if isinstance(m, (LowRankLinear, SharedBasisLinear, QuantLowRankLinear))]
     try:
         for name, module in find_targets(model).items():
             rows.append((name, *dense_shape(module), None))
@@ -119,12 +119,14 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
         kernels, names = count_kernels(lambda: decoder.forward(ids, pos).argmax(-1))
     units = cost.launch_units(rows)
     launches = sum(1 if all(r is None for *_, r in u) else 2 for u in units)
-    gemv = ("nvjet", "splitKreduce", "gemv", "_p1_", "_p2_")  # projection kernels (cuBLAS, rankcut), LM head
+    gemv = ("nvjet", "splitKreduce", "gemv", "_p1_", "_p2_", "_p1q_", "_p2q_")  # projection kernels (cuBLAS, rankcut), LM head
     glue = sum(c for name, c in names.items() if not any(g in name for g in gemv)) if names else None
     if glue is None:  # no profiler: the decode step's own count (Llama: 5 per block; 18 per step)
         glue = 5 * len(getattr(decoder, "layers", getattr(decoder, "blocks", []))) + 18
     head = model.get_output_embeddings().weight.shape
-    pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kvb, batch, profile)
+    quantised = [m for m in rankcut_modules(model).values() if isinstance(m, QuantLowRankLinear)]
+    fmt, group = (quantised[0].format, quantised[0].group or 128) if quantised else (None, 128)
+    pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kvb, batch, profile, fmt, group)
     result.update({
         "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes": wb, "kv_cache_bytes": kvb,
@@ -148,13 +150,16 @@ def _release() -> None:
 def bench(spec: str, compare: str | None = None, random_lowrank: float | None = None, batch: int = 1,
           prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3, dtype: torch.dtype = torch.bfloat16,
           device: str = "cuda", fuse: bool = True, use_graph: bool | None = None, layers: int | None = None,
-          bandwidth: float | None = None, progress: bool = False) -> dict:
+          bandwidth: float | None = None, progress: bool = False, factor_dtype: str | None = None,
+          factor_group: int = 128) -> dict:
     """Benchmark ``spec`` (and the dense ``compare`` model first, if given) with the identical decode loop.
 
     Args:
         spec: ``random:<shape>``, a rankcut checkpoint, or a Hugging Face directory / Hub id.
         compare: the dense baseline, same forms.
         random_lowrank: replace ``spec``'s targets by random factors at this uniform keep (speed only).
+        factor_dtype: with ``random_lowrank``, store those factors quantised (``int8``, ``fp8``, ``int4`` with
+            groups of ``factor_group``), :func:`rankcut.quantize.quantize_factors_` without compensation.
         bandwidth: memory bandwidth (bytes/s) for the "fraction of the bandwidth limit" figures; default:
             measured here (device-to-device copy) on CUDA.
 
@@ -162,6 +167,9 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
         ``{"model": {...}, "baseline": {...} | None, "comparison": {...} | None, "settings": {...}}``.
     """
     check_args(batch, prompt_len, new_tokens, repeats, random_lowrank)
+    if factor_dtype is not None and random_lowrank is None:
+        raise ValueError("--factor-dtype quantises the random factors of --random-lowrank (a quantised checkpoint "
+                         "is benchmarked as it is)")
     check_spec(spec)
     if compare is not None:
         check_spec(compare)
@@ -170,7 +178,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
     out: dict = {"settings": {"spec": spec, "compare": compare, "random_lowrank": random_lowrank, "batch": batch,
                               "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
                               "dtype": str(dtype).replace("torch.", ""), "device": device, "fuse": fuse,
-                              "layers": layers}}
+                              "layers": layers, "factor_dtype": factor_dtype, "factor_group": factor_group}}
     if device.startswith("cuda") and bandwidth is None:
         from rankcut.bench.timing import copy_bandwidth
 
@@ -182,8 +190,13 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
         model = load_for_bench(s, dtype, device, layers)
         if keep is not None:
             random_lowrank_(model, keep)
+            if factor_dtype is not None:
+                from rankcut.quantize import quantize_factors_
+
+                quantize_factors_(model, factor_dtype, factor_group, compensate=False, progress=False)
         res = bench_model(model, batch, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress)
-        res["spec"] = s + (f" (random low-rank, keep {keep})" if keep is not None else "")
+        res["spec"] = s + (f" (random low-rank, keep {keep}" + (f", {factor_dtype}" if factor_dtype else "") + ")"
+                           if keep is not None else "")
         if bandwidth:
             res["bandwidth_limit_tokens_per_s"] = batch * bandwidth / (res["weight_bytes"] + res["kv_cache_bytes"])
             res["fraction_of_bandwidth_limit"] = res["tokens_per_s"] / res["bandwidth_limit_tokens_per_s"]

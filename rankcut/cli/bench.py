@@ -17,6 +17,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--compare", metavar="MODEL", help="dense baseline benchmarked in the same run with the identical loop")
     b.add_argument("--random-lowrank", type=float, metavar="KEEP",
                    help="replace MODEL's targets by random factors at this uniform keep (speed only)")
+    from rankcut.quant import FORMATS
+
+    b.add_argument("--factor-dtype", choices=FORMATS, help="with --random-lowrank: store the random factors quantised")
+    b.add_argument("--factor-group", type=int, default=128, help=flags.helptext("int4: input columns per scale", 128))
     b.add_argument("--batch", type=int, default=1, help=flags.helptext("sequences decoded at once", 1))
     b.add_argument("--prompt-len", type=int, default=128, help=flags.helptext("prompt tokens (prefill)", 128))
     b.add_argument("--new-tokens", type=int, default=256, help=flags.helptext("tokens decoded and timed", 256))
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     result = bench(args.model, compare=args.compare, random_lowrank=args.random_lowrank, batch=args.batch,
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                    dtype=parse_dtype(args.dtype), device=args.device, fuse=not args.no_fuse,
-                   use_graph=False if args.no_graph else None, layers=args.layers, progress=not args.quiet)
+                   use_graph=False if args.no_graph else None, layers=args.layers, progress=not args.quiet,
+                   factor_dtype=args.factor_dtype, factor_group=args.factor_group)
     result.update(report.invocation(args.argv, args.device))
     print(format_table(result))
     report.write_json(args.json, result)

@@ -49,6 +49,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the outputs of the already-compressed blocks before it")
     flags.add_full_model(p)
+    from rankcut.quant import FORMATS
+
+    p.add_argument("--factor-dtype", choices=FORMATS, help="store the factors quantised: int8 or fp8 (e4m3) with "
+                   "one scale per output channel, int4 with one scale per --factor-group input columns")
+    p.add_argument("--factor-group", type=int, default=CompressConfig().factor_group, help=flags.helptext(
+        "int4: input columns per scale (must divide every target's input dimension)", CompressConfig().factor_group))
+    p.add_argument("--no-compensate", dest="compensate", action="store_false", help="quantise U and V as they are "
+                   "(default: V first, then U refitted to it in the layer's input norm, a second calibration pass)")
     flags.add_device(p, "where blocks are processed: auto (CUDA when available), cpu, cuda, cuda:N")
     flags.add_dtype(p)
     p.add_argument("--save-dtype", default="source", choices=["source", *SAVE_DTYPES], help=flags.helptext(
@@ -127,12 +135,15 @@ def run(args: argparse.Namespace) -> int:
     from rankcut import compress_, save
     from rankcut.hf import load_any, looks_local
     from rankcut.io import check_output, checkpoint_bytes
+    from rankcut.cli import CLIError
     from rankcut.utils import dtype_name, parse_dtype, resolve_device
 
     allocation, policy_options, context, expected_model = allocation_flags(args)
     config = flags.compress_config(args, method=args.method, options=flags.method_options(args, args.method),
                                    keep=args.keep, energy=args.energy, rank=args.rank, speedup=args.speedup,
-                                   allocation=allocation, policy_options=policy_options, sequential=args.sequential)
+                                   allocation=allocation, policy_options=policy_options, sequential=args.sequential,
+                                   factor_dtype=args.factor_dtype, factor_group=args.factor_group,
+                                   compensate=args.compensate)
     output = Path(args.output)
     check_output(output, args.overwrite, flag="--overwrite")  # before any work: fail fast, write nothing
     flags.check_sources(calib=args.calib)
@@ -140,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
 
     check_inputs(config, args.calib)
     device = resolve_device(args.device)
+    if args.factor_dtype and device.type == "cuda":
+        from rankcut.kernels.dispatch import triton_available
+
+        if not triton_available():
+            raise CLIError(f"--factor-dtype {args.factor_dtype} on CUDA needs Triton for its dequantising kernels, "
+                           "and Triton is not importable: install triton, or pass --device cpu")
     model, tokenizer = load_any(args.model, flags.compute_dtype(args.dtype, device))
     check_measurements(model, config, context, expected_model)
     summary = compress_(model, config, calib=args.calib, tokenizer=tokenizer, device=device, progress=not args.quiet,

@@ -130,3 +130,100 @@ def lowrank_forward(layer, x: torch.Tensor, force: bool = False) -> torch.Tensor
     if not (V.weight.is_contiguous() and U.weight.is_contiguous()):
         return None
     return run_kernel(x, V.weight, U.weight, U.bias, [layer.rank], [layer.out_features], layer)
+
+
+# ------------------------------------------------------------------------------------ quantised factors
+
+#: Weight elements per program loop iteration for quantised factors: twice the 16-bit default, so that a tile
+#: of one-byte codes moves as many bytes as a bf16 tile.
+QUANT_ELEMS = 8192
+QUANT_WARPS: int | None = None  # None: the plan's own (4)
+INT4_BLOCK_R = 16
+
+
+def kernel_group(group: int) -> bool:
+    """Whether the int4 kernels take this group size: a power of two of at least 32 (16 bytes of codes per row
+    and chunk, what ``tl.dot`` needs); other groups run eagerly."""
+    return group >= 32 and group & (group - 1) == 0
+
+
+def _check_triton_for_quant() -> None:
+    if not triton_available():
+        raise RuntimeError("quantised factors on CUDA run through rankcut's Triton kernels, and Triton is not "
+                           "importable: install triton, move the model to the CPU, or switch the kernels off "
+                           "(RANKCUT_KERNELS=0) to dequantise eagerly on the GPU")
+
+
+def quant_plan(m: int, k: int, ranks: list[int], ns: list[int], group: int, device: torch.device) -> LowRankPlan:
+    """The (cached) plan of the quantised kernels: the bf16 plan with :data:`QUANT_ELEMS`; int4 tiles one scale
+    group wide (:data:`INT4_BLOCK_R` rows at M = 1)."""
+    sms, hopper = _device_info(device)
+    key = ("quant", m, k, tuple(ranks), tuple(ns), group, sms, QUANT_ELEMS, QUANT_WARPS)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(ranks) > 4:
+            raise ValueError(f"the quantised kernels address at most four segments, got {len(ranks)}")
+        opts = {"pdl": hopper, "max_elems": QUANT_ELEMS, "num_warps": QUANT_WARPS, **_OVERRIDES,
+                "mode": "two"}  # no fused variant
+        if group:  # int4: a phase-1 tile and a phase-2 chunk are one scale group
+            opts.update(block_k=group, block_rk=group)
+            if m == 1:
+                opts.setdefault("block_r", INT4_BLOCK_R)
+        plan = _PLANS[key] = plan_lowrank(m, k, ranks, ns, sms, **opts)
+    return plan
+
+
+def quant_eligible(x: torch.Tensor, tensors: list[torch.Tensor | None], rows: int) -> bool:
+    """Like :func:`eligible` for quantised factors: codes and scales have their own dtypes; the bias (if any)
+    must have the input's dtype. Raises RuntimeError when the kernels are on and Triton is missing."""
+    if not x.is_cuda or not _STATE["enabled"] or not 1 <= rows <= MAX_M or x.dtype not in KERNEL_DTYPES:
+        return False
+    if any(t is not None and not t.is_cuda for t in tensors):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    _check_triton_for_quant()
+    return True
+
+
+def run_quant_kernel(x: torch.Tensor, Vc: torch.Tensor, sv: torch.Tensor, Uc: torch.Tensor, su: torch.Tensor,
+                     bias: torch.Tensor | None, ranks: list[int], ns: list[int], group: int, owner,
+                     scale_offsets: tuple[int, int, int] = (0, 0, 0), attr: str = "_rankcut_scratch") -> torch.Tensor:
+    """``(x Vᵀ) Uᵀ + b`` for stacked quantised segments (at most four) through the Triton kernels."""
+    from rankcut.kernels.lowrank import Scratch
+    from rankcut.kernels.lowrank_quant import launch_quant
+
+    k = x.shape[-1]
+    rows = x.numel() // k
+    x2d = x.reshape(rows, k)
+    if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous()
+    scratch = owner.__dict__.get(attr)
+    if scratch is None or scratch.device != x.device or scratch.ranks != list(ranks) or scratch.ns != list(ns):
+        scratch = Scratch(x.device, int(Vc.shape[0]), ranks, ns)
+        owner.__dict__[attr] = scratch
+    y = torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    launch_quant(x2d, Vc, sv, Uc, su, bias, y, scratch, quant_plan(rows, k, ranks, ns, group, x.device), group,
+                 scale_offsets)
+    return y.reshape(*x.shape[:-1], sum(ns))
+
+
+def quant_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The kernel's result for a :class:`~rankcut.modules.QuantLowRankLinear` on ``x``, or None when the eager
+    (dequantising) path runs: not eligible (more than :data:`MAX_M` rows among others). Unlike float factors,
+    every eligible batch takes the kernel: the eager path would first dequantise both factors in memory.
+
+    Raises:
+        RuntimeError: a CUDA input, kernels on, and Triton not importable.
+    """
+    k = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // k if k else 0
+    V, U = layer.V, layer.U
+    if (layer.group and not kernel_group(layer.group)) or not quant_eligible(x, [V.codes, U.codes, layer.bias], rows):
+        return None
+    return run_quant_kernel(x, V.codes, V.scale, U.codes, U.scale, layer.bias, [layer.rank], [layer.out_features],
+                            layer.group, layer)

@@ -106,6 +106,8 @@ def plan_lowrank(
     pdl: bool = True,
     num_warps: int | None = None,
     single_tile: bool | None = None,
+    block_k: int | None = None,
+    block_rk: int | None = None,
 ) -> LowRankPlan:
     """Choose tile sizes and grids for ``m`` input rows, input width ``k`` and segments (``ranks``, ``ns``).
 
@@ -123,6 +125,8 @@ def plan_lowrank(
         max_elems: weight elements one program loads per loop iteration (default 4096; fused: register cap).
         block_r, block_n, prefetch, split_k, num_stages, num_warps: force these instead of the heuristic.
         single_tile: M = 1 phase 2: True forces a segment's whole rank into one tile, False the chunking.
+        block_k, block_rk: force the phase-1 tile width and the phase-2 rank chunk (powers of two; the int4
+            kernels make both one scale group).
         pdl: launch with programmatic dependent launch (each program issues its first weight loads, then
             waits for the previous kernel; the phase-2 launch overlaps phase 1's tail).
 
@@ -146,19 +150,20 @@ def plan_lowrank(
     R, max_rank, N = sum(ranks), max(ranks), sum(ns)
     if m == 1:  # about 8 programs per SM in phase 1 (measured: 2 per SM left the SMs a quarter occupied)
         br = block_r or max(1, min(8, prev_pow2(R / (4 * want)), E // next_pow2(k)))
-        bk = min(next_pow2(k), max(256, E // br))
+        bk = block_k or min(next_pow2(k), max(256, E // br))
         # the whole rank in one tile up to 2048; above, chunks of 512 or 1024 (least padding): measured faster
         # than one 4096-wide tile holding a single row (BENCHMARKS.md, phase profile)
         brk = min(next_pow2(max_rank), 2048)
         if (max_rank > 2048 if single_tile is None else not single_tile) and max_rank > 512:
             brk = min((1024, 512), key=lambda c: (math.ceil(max_rank / c) * c, -c))
+        brk = block_rk or brk
         bn = block_n or min(prev_pow2(N / want), max(1, E // brk))
         warps, stages, m_pad = 4, num_stages or 1, 1
     else:
         br = block_r or 16
-        bk = 128
+        bk = block_k or 128
         bn = block_n or 32
-        brk = max(16, min(next_pow2(max_rank), max(16, E // bn)))
+        brk = block_rk or max(16, min(next_pow2(max_rank), max(16, E // bn)))
         warps, stages, m_pad = 4, num_stages or 3, 16
     nb = math.ceil(R / br)
     chunks = math.ceil(k / bk)

@@ -20,6 +20,7 @@ from torch import nn
 from rankcut.modules.dense import Conv1D, dense_shape, dense_weight, is_dense_linear
 from rankcut.modules.lowrank import LowRankLinear
 from rankcut.modules.shared import SharedBasisLinear, TuckerLinear
+from rankcut.modules.quantized import QuantFactor, QuantLowRankLinear
 from rankcut.modules.registry import (
     is_rankcut_module,
     module_type,
@@ -38,6 +39,8 @@ def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
 __all__ = [
     "Conv1D",
     "LowRankLinear",
+    "QuantFactor",
+    "QuantLowRankLinear",
     "SharedBasisLinear",
     "TuckerLinear",
     "dense_shape",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankcut.modules import LowRankLinear
+from rankcut.modules import LowRankLinear, QuantLowRankLinear
 
 
 def _rebind(param: nn.Parameter, view: torch.Tensor) -> None:
@@ -132,6 +132,73 @@ class DenseGroup(nn.Module):
         return F.linear(x, self.W_cat, self.bias_cat)
 
 
+class QuantLowRankGroup(nn.Module):
+    """Several :class:`~rankcut.modules.QuantLowRankLinear` layers of one format sharing an input (at most four,
+    what the quantised kernels address): codes and scales stacked like :class:`LowRankGroup`'s factors, one
+    pair of kernel launches on CUDA; elsewhere each layer dequantises and runs on its own."""
+
+    def __init__(self, layers: Sequence[QuantLowRankLinear], share: bool = True) -> None:
+        super().__init__()
+        if not layers or any(not isinstance(l, QuantLowRankLinear) for l in layers):
+            raise TypeError("QuantLowRankGroup needs one or more QuantLowRankLinear layers")
+        if len(layers) > 4:
+            raise ValueError(f"the quantised kernels fuse at most four layers, got {len(layers)}")
+        if len({(l.in_features, l.format, l.group) for l in layers}) != 1:
+            raise ValueError("layers of a quantised group must share in_features, format and group")
+        self.layers = list(layers)
+        self.ranks = [l.rank for l in layers]
+        self.ns = [l.out_features for l in layers]
+        self.group = layers[0].group
+        with torch.no_grad():
+            self.register_buffer("V_codes", torch.cat([l.V.codes for l in layers]).contiguous(), persistent=False)
+            self.register_buffer("V_scale", torch.cat([l.V.scale for l in layers]).contiguous(), persistent=False)
+            self.register_buffer("U_codes", torch.cat([l.U.codes.reshape(-1) for l in layers]).contiguous(),
+                                 persistent=False)
+            self.register_buffer("U_scale", torch.cat([l.U.scale.reshape(-1) for l in layers]).contiguous(),
+                                 persistent=False)
+            bias = None
+            if any(l.bias is not None for l in layers):
+                ref = next(l.bias for l in layers if l.bias is not None)
+                bias = torch.cat([l.bias.detach() if l.bias is not None else ref.new_zeros(l.out_features)
+                                  for l in layers]).contiguous()
+            self.register_buffer("bias_cat", bias, persistent=False)
+        sizes = [l.U.scale.numel() for l in layers]
+        self.scale_offsets = tuple(sum(sizes[: i + 1]) for i in range(3))
+        if share:
+            self._share()
+
+    def _share(self) -> None:
+        v0 = u0 = s0 = n0 = 0
+        for layer in self.layers:
+            V, U = layer.V, layer.U
+            r, cu, su = V.codes.shape[0], U.codes.numel(), U.scale.numel()
+            V._buffers["codes"], V._buffers["scale"] = self.V_codes[v0:v0 + r], self.V_scale[v0:v0 + r]
+            U._buffers["codes"] = self.U_codes[u0:u0 + cu].view(U.codes.shape)
+            U._buffers["scale"] = self.U_scale[s0:s0 + su].view(U.scale.shape)
+            if layer.bias is not None:
+                _rebind(layer.bias, self.bias_cat[n0:n0 + layer.out_features])
+            v0, u0, s0, n0 = v0 + r, u0 + cu, s0 + su, n0 + layer.out_features
+
+    def unshare(self) -> None:
+        for layer in self.layers:
+            for factor in (layer.V, layer.U):
+                for key in ("codes", "scale"):
+                    factor._buffers[key] = factor._buffers[key].clone()
+            if layer.bias is not None:
+                _rebind(layer.bias, layer.bias.data.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from rankcut.kernels.dispatch import kernel_group, quant_eligible, run_quant_kernel
+
+        k = x.shape[-1]
+        rows = x.numel() // k
+        if (not self.group or kernel_group(self.group)) and quant_eligible(x, [self.V_codes, self.U_codes,
+                                                                               self.bias_cat], rows):
+            return run_quant_kernel(x, self.V_codes, self.V_scale, self.U_codes, self.U_scale, self.bias_cat,
+                                    self.ranks, self.ns, self.group, self, self.scale_offsets)
+        return torch.cat([QuantLowRankLinear.forward(layer, x) for layer in self.layers], dim=-1)
+
+
 class SeparateGroup(nn.Module):
     """Fallback for layers that cannot be fused (mixed kinds): call each, concatenate."""
 
@@ -152,4 +219,7 @@ def make_group(layers: Sequence[nn.Module], share: bool = True) -> nn.Module:
         return LowRankGroup(layers, share=share)
     if all(type(l) is nn.Linear for l in layers):
         return DenseGroup(layers, share=share)
+    if (all(isinstance(l, QuantLowRankLinear) for l in layers) and len(layers) <= 4
+            and len({(l.in_features, l.format, l.group) for l in layers}) == 1):
+        return QuantLowRankGroup(layers, share=share)
     return SeparateGroup(layers)
