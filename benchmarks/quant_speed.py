@@ -42,12 +42,20 @@ def _inner_bytes(t: torch.Tensor) -> int:
 
 
 def step_bytes(model) -> int:
-    """Bytes one decode step reads (torchao weights by their inner tensors)."""
-    total = weight_bytes(model)
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) and w is not None and type(w) not in (torch.Tensor, torch.nn.Parameter):
-            total += _inner_bytes(w) - w.numel() * w.element_size()  # weight_bytes counted the logical size
+    """Bytes one decode step reads: rankcut's ``weight_bytes`` for plain tensors, and a torchao weight by its inner
+    tensors (codes, scales, zero points; a wrapper subclass has no storage of its own to deduplicate by)."""
+    plain = lambda t: type(t) in (torch.Tensor, torch.nn.Parameter)  # noqa: E731
+    if all(plain(p) for p in model.parameters()):
+        return weight_bytes(model)
+    head = model.get_output_embeddings()
+    tables = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)} - {head.weight.data_ptr()}
+    total, seen = 0, set()
+    for p in model.parameters():
+        if not plain(p):
+            total += _inner_bytes(p)
+        elif p.data_ptr() not in seen and p.data_ptr() not in tables:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
     return total
 
 
@@ -56,10 +64,11 @@ def torchao_quantize(model, fmt: str) -> str:
     from torchao.quantization import quantize_
 
     cfg = getattr(__import__("torchao.quantization", fromlist=[TORCHAO[fmt]]), TORCHAO[fmt])
-    config = cfg(group_size=128) if fmt == "int4" else cfg()
+    # int4: the tile-packed format runs PyTorch's own tinygemm kernel (the default "plain" one needs mslk)
+    options = {"group_size": 128, "int4_packing_format": "tile_packed_to_4d"} if fmt == "int4" else {}
     targets = set(find_targets(model))
-    quantize_(model, config, filter_fn=lambda module, name: name in targets)
-    return f"torchao {torchao.__version__} {TORCHAO[fmt]}" + ("(group_size=128)" if fmt == "int4" else "()")
+    quantize_(model, cfg(**options), filter_fn=lambda module, name: name in targets)
+    return f"torchao {torchao.__version__} {TORCHAO[fmt]}({', '.join(f'{k}={v!r}' for k, v in options.items())})"
 
 
 _LINEAR = None
@@ -116,8 +125,8 @@ def target_params(shape: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b"])
-    p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.5])
-    p.add_argument("--formats", nargs="+", default=["bf16", "int8", "fp8", "int4"])
+    p.add_argument("--keeps", type=float, nargs="*", default=[0.8, 0.6, 0.5])
+    p.add_argument("--formats", nargs="*", default=["bf16", "int8", "fp8", "int4"])
     p.add_argument("--torchao", nargs="*", default=["int8", "fp8", "int4"])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)

@@ -134,9 +134,10 @@ def lowrank_forward(layer, x: torch.Tensor, force: bool = False) -> torch.Tensor
 
 # ------------------------------------------------------------------------------------ quantised factors
 
-#: Weight elements per program loop iteration for quantised factors: twice the 16-bit default, so that a tile
-#: of one-byte codes moves as many bytes as a bf16 tile.
-QUANT_ELEMS = 8192
+#: Weight elements per program loop iteration for quantised factors: the bf16 default. Measured on the H200
+#: (benchmarks/results/quant/quant_layer_sweep.json): 4096 with 4 warps had the least summed M = 1 time of the
+#: int8 and fp8 projections over four Llama shapes, ahead of 8192 and 16384 with 4 or 8 warps.
+QUANT_ELEMS = 4096
 QUANT_WARPS: int | None = None  # None: the plan's own (4)
 INT4_BLOCK_R = 16
 
