@@ -145,7 +145,31 @@ def test_cli_bench_cpu_json(tmp_path, capsys):
     assert data["model"]["predicted_for"] == cost.H200_BF16.name
 
 
+def test_cli_bench_batch_list_measures_each_batch_with_both_bounds(tmp_path, capsys):
+    out = tmp_path / "batches.json"
+    code = main(["bench", "random:tiny-llama", "--compare", "random:tiny-llama", "--random-lowrank", "0.5", "--device",
+                 "cpu", "--batch", "1,3", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--quiet",
+                 "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [e["model"]["batch"] for e in data["batches"]] == [1, 3] and data["settings"]["batch"] == [1, 3]
+    for entry in data["batches"]:
+        base, mod, c = entry["baseline"], entry["model"], entry["comparison"]
+        assert c["flop_bound"] == pytest.approx(base["matmul_params"] / mod["matmul_params"])
+        assert mod["flop_bound_tokens_per_s"] == pytest.approx(cost.H200_BF16.flops / (2 * mod["matmul_params"]))
+        assert mod["kv_cache_bytes"] == entry["model"]["batch"] * data["batches"][0]["model"]["kv_cache_bytes"]
+    model = random_model(preset_config("tiny-llama"), torch.float32, "cpu")
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    from rankcut.bench.run import matmul_params
+
+    assert matmul_params(model) == sum(p.numel() for p in model.parameters()) - vocab * hidden  # the table is indexed
+    printed = capsys.readouterr().out
+    assert "FLOP bound" in printed and printed.count("random:tiny-llama (random low-rank") == 2
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["random:tiny-llama", "--batch", "1,0"], "--batch must be >= 1"),
+    (["random:tiny-llama", "--batch", "1,x"], "expected a comma-separated list"),
     (["random:llama9"], "unknown shape"),
     (["/no/such/model"], "does not exist"),
     (["random:tiny-llama", "--batch", "0"], "--batch must be >= 1"),

@@ -99,6 +99,18 @@ def count_kernels(fn) -> tuple[int | None, dict[str, int]]:
         return None, {}
 
 
+def matmul_params(model) -> int:
+    """Weights one token multiplies by: every parameter (a quantised factor by its elements) except the embedding
+    tables a step only indexes (a table tied to the LM head counts)."""
+    from rankcut.utils import count_params
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ptr = head.weight.data_ptr() if head is not None else None
+    tables = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() != head_ptr)
+    return count_params(model) - tables
+
+
 @torch.no_grad()
 def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3,
                 fuse: bool = True, use_graph: bool | None = None, seed: int = 0, progress: bool = False,
@@ -127,8 +139,10 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
     quantised = [m for m in rankcut_modules(model).values() if isinstance(m, QuantLowRankLinear)]
     fmt, group = (quantised[0].format, quantised[0].group or 128) if quantised else (None, 128)
     pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kvb, batch, profile, fmt, group)
+    matmul = matmul_params(model)
     result.update({
         "params": sum(p.numel() for p in model.parameters()),
+        "matmul_params": matmul, "flop_bound_tokens_per_s": profile.flops / (2 * matmul),
         "weight_bytes": wb, "kv_cache_bytes": kvb,
         "weight_gbps": wb * steps / 1e9, "traffic_gbps": (wb + kvb) * steps / 1e9,
         "kernels_per_step": kernels, "kernel_names": names, "target_launches_per_step": launches,
@@ -147,7 +161,7 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def bench(spec: str, compare: str | None = None, random_lowrank: float | None = None, batch: int = 1,
+def bench(spec: str, compare: str | None = None, random_lowrank: float | None = None, batch: int | list[int] = 1,
           prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3, dtype: torch.dtype = torch.bfloat16,
           device: str = "cuda", fuse: bool = True, use_graph: bool | None = None, layers: int | None = None,
           bandwidth: float | None = None, progress: bool = False, factor_dtype: str | None = None,
@@ -160,13 +174,19 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
         random_lowrank: replace ``spec``'s targets by random factors at this uniform keep (speed only).
         factor_dtype: with ``random_lowrank``, store those factors quantised (``int8``, ``fp8``, ``int4`` with
             groups of ``factor_group``), :func:`rankcut.quantize.quantize_factors_` without compensation.
+        batch: sequences decoded at once; a list runs every batch size on the same loaded models.
         bandwidth: memory bandwidth (bytes/s) for the "fraction of the bandwidth limit" figures; default:
             measured here (device-to-device copy) on CUDA.
 
     Returns:
-        ``{"model": {...}, "baseline": {...} | None, "comparison": {...} | None, "settings": {...}}``.
+        ``{"model": {...}, "baseline": {...} | None, "comparison": {...} | None, "settings": {...}}``; for a list
+        of batches, ``{"settings": {...}, "batches": [that dict without settings, one per batch]}``.
     """
-    check_args(batch, prompt_len, new_tokens, repeats, random_lowrank)
+    batches = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    if not batches:
+        raise ValueError("--batch needs at least one batch size")
+    for b in batches:
+        check_args(b, prompt_len, new_tokens, repeats, random_lowrank)
     if factor_dtype is not None and random_lowrank is None:
         raise ValueError("--factor-dtype quantises the random factors of --random-lowrank (a quantised checkpoint "
                          "is benchmarked as it is)")
@@ -175,15 +195,17 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
         check_spec(compare)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("rankcut bench needs a CUDA GPU (or --device cpu for a functional run)")
-    out: dict = {"settings": {"spec": spec, "compare": compare, "random_lowrank": random_lowrank, "batch": batch,
-                              "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-                              "dtype": str(dtype).replace("torch.", ""), "device": device, "fuse": fuse,
-                              "layers": layers, "factor_dtype": factor_dtype, "factor_group": factor_group}}
+    settings = {"spec": spec, "compare": compare, "random_lowrank": random_lowrank,
+                "batch": batch if not isinstance(batch, (list, tuple)) else batches, "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).replace("torch.", ""),
+                "device": device, "fuse": fuse, "layers": layers, "factor_dtype": factor_dtype,
+                "factor_group": factor_group}
     if device.startswith("cuda") and bandwidth is None:
         from rankcut.bench.timing import copy_bandwidth
 
         bandwidth = copy_bandwidth(device)
-    out["settings"]["bandwidth_bytes_per_s"] = bandwidth
+    settings["bandwidth_bytes_per_s"] = bandwidth
+    per_batch = [{} for _ in batches]
     runs = [("baseline", compare, None)] if compare else []
     runs.append(("model", spec, random_lowrank))
     for role, s, keep in runs:
@@ -194,26 +216,58 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
                 from rankcut.quantize import quantize_factors_
 
                 quantize_factors_(model, factor_dtype, factor_group, compensate=False, progress=False)
-        res = bench_model(model, batch, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress)
-        res["spec"] = s + (f" (random low-rank, keep {keep}" + (f", {factor_dtype}" if factor_dtype else "") + ")"
-                           if keep is not None else "")
-        if bandwidth:
-            res["bandwidth_limit_tokens_per_s"] = batch * bandwidth / (res["weight_bytes"] + res["kv_cache_bytes"])
-            res["fraction_of_bandwidth_limit"] = res["tokens_per_s"] / res["bandwidth_limit_tokens_per_s"]
-        out[role] = res
+        for out, b in zip(per_batch, batches):
+            res = bench_model(model, b, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress)
+            res["spec"] = s + (f" (random low-rank, keep {keep}" + (f", {factor_dtype}" if factor_dtype else "") + ")"
+                               if keep is not None else "")
+            res["batch"] = b
+            if bandwidth:
+                res["bandwidth_limit_tokens_per_s"] = b * bandwidth / (res["weight_bytes"] + res["kv_cache_bytes"])
+                res["fraction_of_bandwidth_limit"] = res["tokens_per_s"] / res["bandwidth_limit_tokens_per_s"]
+            out[role] = res
+            _release()
         del model
         _release()
-    out.setdefault("baseline", None)
-    out["comparison"] = None
-    if compare:
-        base, mod = out["baseline"], out["model"]
-        speedup = mod["tokens_per_s"] / base["tokens_per_s"]
-        bound = base["weight_bytes"] / mod["weight_bytes"]
-        bound_kv = (base["weight_bytes"] + base["kv_cache_bytes"]) / (mod["weight_bytes"] + mod["kv_cache_bytes"])
-        out["comparison"] = {"speedup": speedup, "bound": bound, "fraction_of_bound": speedup / bound,
-                             "bound_with_kv_cache": bound_kv, "fraction_of_bound_with_kv_cache": speedup / bound_kv,
-                             "predicted_speedup": base["predicted_ms_per_token"] / mod["predicted_ms_per_token"]}
-    return out
+    for out in per_batch:
+        out.setdefault("baseline", None)
+        out["comparison"] = _comparison(out["baseline"], out["model"]) if compare else None
+    if isinstance(batch, (list, tuple)):
+        return {"settings": settings, "batches": per_batch}
+    return {"settings": settings, **per_batch[0]}
+
+
+def _comparison(base: dict, mod: dict) -> dict:
+    speedup = mod["tokens_per_s"] / base["tokens_per_s"]
+    bound = base["weight_bytes"] / mod["weight_bytes"]
+    bound_kv = (base["weight_bytes"] + base["kv_cache_bytes"]) / (mod["weight_bytes"] + mod["kv_cache_bytes"])
+    flop_bound = base["matmul_params"] / mod["matmul_params"]
+    return {"speedup": speedup, "bound": bound, "fraction_of_bound": speedup / bound,
+            "bound_with_kv_cache": bound_kv, "fraction_of_bound_with_kv_cache": speedup / bound_kv,
+            "flop_bound": flop_bound, "predicted_speedup": base["predicted_ms_per_token"] / mod["predicted_ms_per_token"]}
+
+
+def format_batch_table(result: dict) -> str:
+    """The table ``rankcut bench --batch 1,8,...`` prints: tokens/s per batch, with the byte bound (bandwidth ×
+    batch / bytes per step) and the FLOP bound (the profile's matrix rate / 2 FLOPs per weight per token, attention
+    not counted) of each model beside it."""
+    s = result["settings"]
+    lines = [f"{'batch':>5} {'model':<44} {'tok/s':>9} {'byte bound':>10} {'FLOP bound':>10} {'speedup':>8} "
+             f"{'bytes x':>7} {'FLOPs x':>7}"]
+    for entry in result["batches"]:
+        for role in ("baseline", "model"):
+            r = entry.get(role)
+            if not r:
+                continue
+            byte = f"{r['bandwidth_limit_tokens_per_s']:>10.0f}" if r.get("bandwidth_limit_tokens_per_s") else f"{'-':>10}"
+            c = entry["comparison"] if role == "model" else None
+            extra = (f" {c['speedup']:>7.3f}x {c['bound']:>6.3f}x {c['flop_bound']:>6.3f}x" if c else "")
+            lines.append(f"{r['batch']:>5} {r['spec'][:44]:<44} {r['tokens_per_s']:>9.1f} {byte} "
+                         f"{r['flop_bound_tokens_per_s']:>10.0f}{extra}")
+    lines.append(f"prompt {s['prompt_len']}, new tokens {s['new_tokens']}, {s['dtype']}, median of {s['repeats']} "
+                 f"repeats; byte bound = batch x measured copy bandwidth / (weights + KV cache bytes per step); FLOP "
+                 f"bound = {cost.H200_BF16.flops / 1e12:.0f} TFLOP/s (the cost model's rate) / (2 x matmul weights) "
+                 "per token")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:

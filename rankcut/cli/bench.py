@@ -21,7 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     b.add_argument("--factor-dtype", choices=FORMATS, help="with --random-lowrank: store the random factors quantised")
     b.add_argument("--factor-group", type=int, default=128, help=flags.helptext("int4: input columns per scale", 128))
-    b.add_argument("--batch", type=int, default=1, help=flags.helptext("sequences decoded at once", 1))
+    b.add_argument("--batch", default="1", help=flags.helptext(
+        "sequences decoded at once; a comma-separated list (1,8,32,128) measures each on the same models", 1))
     b.add_argument("--prompt-len", type=int, default=128, help=flags.helptext("prompt tokens (prefill)", 128))
     b.add_argument("--new-tokens", type=int, default=256, help=flags.helptext("tokens decoded and timed", 256))
     b.add_argument("--repeats", type=int, default=3, help=flags.helptext("timed repetitions (median reported)", 3))
@@ -37,18 +38,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rankcut.bench.run import bench, check_args, check_spec, format_table
+    from rankcut.bench.run import bench, check_args, check_spec, format_batch_table, format_table
     from rankcut.utils import parse_dtype
 
-    check_args(args.batch, args.prompt_len, args.new_tokens, args.repeats, args.random_lowrank)
+    batches = flags.parse_list("--batch", args.batch, int)
+    if not batches:
+        raise flags.CLIError("--batch needs at least one batch size")
+    for batch in batches:
+        check_args(batch, args.prompt_len, args.new_tokens, args.repeats, args.random_lowrank)
     for spec in [args.model] + ([args.compare] if args.compare else []):
         check_spec(spec)
-    result = bench(args.model, compare=args.compare, random_lowrank=args.random_lowrank, batch=args.batch,
+    result = bench(args.model, compare=args.compare, random_lowrank=args.random_lowrank, batch=batches if "," in args.batch else batches[0],
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                    dtype=parse_dtype(args.dtype), device=args.device, fuse=not args.no_fuse,
                    use_graph=False if args.no_graph else None, layers=args.layers, progress=not args.quiet,
                    factor_dtype=args.factor_dtype, factor_group=args.factor_group)
     result.update(report.invocation(args.argv, args.device))
-    print(format_table(result))
+    print(format_batch_table(result) if "batches" in result else format_table(result))
     report.write_json(args.json, result)
     return 0
