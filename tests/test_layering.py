@@ -28,6 +28,7 @@ STAGES = [
                  "rankcut.plots", "rankcut.adapters",
                  "rankcut.train", "rankcut.recover", "rankcut.report"]),
     ("speed", ["rankcut.bench"]),
+    ("integrations", ["rankcut.integrations"]),
     ("cli", ["rankcut.cli", "rankcut.__main__"]),
 ]
 
