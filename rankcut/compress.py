@@ -17,6 +17,7 @@ from rankcut.config import CompressConfig
 from rankcut.cost import fixed_decode_seconds, speedup_warning_once
 from rankcut.data import calibration_windows, source_name
 from rankcut.pipeline import Compression, GivenStats, StatRecorder, check_finite_weights, run_blocks
+from rankcut.parallel import compression_visitor
 from rankcut.policies import make_policy
 from rankcut.record import Record, get_record, set_record
 from rankcut.summary import CompressionSummary
@@ -86,7 +87,7 @@ def compress_(
     if policy.is_global and config.sequential:
         raise ValueError(f"allocation {config.allocation!r} plans all targets at once; sequential calibration "
                          "needs each block swapped before the next is calibrated")
-    work = Compression(model, config, policy, targets, device, timer, progress)
+    work = compression_visitor(model, config, policy, targets, device, timer, progress)  # data-parallel in a world
     params_before = count_params(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
