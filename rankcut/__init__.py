@@ -7,6 +7,7 @@ Public API::
     rankcut.save(model, "out/", tokenizer=tok)
     model = rankcut.load("out/")                                    # or, after import rankcut:
     model = transformers.AutoModelForCausalLM.from_pretrained("out/")
+    rankcut.compress_streaming("big-model/", "out/", config, calib=texts)   # larger than memory: block by block
     rankcut.perplexity(model, tok, "heldout.txt")
     rankcut.recover_(model, tok, "tune.txt", rankcut.RecoverConfig(steps=1000), eval_text="heldout.txt")
     report = rankcut.analyze(model, calib=texts, tokenizer=tok)   # spectra, energy ranks, speedup bounds
@@ -45,6 +46,7 @@ try:  # torch and transformers take seconds to import: Ctrl-C then is an interru
     from rankcut.record import Record
     from rankcut.recover import RecoveryResult, recover_
     from rankcut.summary import CompressionSummary
+    from rankcut.streaming import compress_streaming
     from rankcut.sweep import sweep
     from rankcut.targets import find_targets
 
@@ -74,6 +76,7 @@ __all__ = [
     "available_methods",
     "available_policies",
     "compress_",
+    "compress_streaming",
     "evaluate",
     "find_targets",
     "generate",

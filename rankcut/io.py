@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 RECORD = "rankcut.json"
 CONFIG = "config.json"
+#: The progress file of an unfinished streaming compression (:mod:`rankcut.streaming`); gone once it is done.
+PROGRESS = "rankcut-progress.json"
 MAX_SHARD_SIZE = "5GB"
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "RankcutConfig", "check_output", "is_checkpoint", "load", "read_record",
@@ -128,19 +131,28 @@ def model_class(architecture: str, config, auto_class):
 # --------------------------------------------------------------------------------------------- saving
 
 
-def _unique_state(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def unique_state(model: nn.Module, dtype: torch.dtype | None,
+                 select: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict with each shared parameter stored once (``tied`` maps dropped names to the kept name), on the
     CPU, floating-point tensors cast to ``dtype``; tensors that share storage without being the same tensor
-    (views of one buffer, as fused layers have) are copied so that safetensors accepts them."""
+    (views of one buffer, as fused layers have) are copied so that safetensors accepts them.
+
+    ``select(name)``: only the names it accepts are returned (one shard of a checkpoint written piece by piece,
+    :mod:`rankcut.streaming`); ties are still found against every tensor of the model, so a selected name tied
+    to an earlier one elsewhere is a tie, exactly as in the whole state dict."""
     state, tied, owner, storages = {}, {}, {}, {}
     fixed = {f"{prefix}.{key}" for prefix, module in model.named_modules() if getattr(module, "keeps_dtype", False)
              for key in module._buffers}  # quantised codes and their scales keep their dtypes
     for name, tensor in model.state_dict(keep_vars=True).items():
         key = id(tensor)
+        chosen = select is None or select(name)
         if key in owner:
-            tied[name] = owner[key]
+            if chosen:
+                tied[name] = owner[key]
             continue
         owner[key] = name
+        if not chosen:
+            continue
         value = tensor.detach()
         if dtype is not None and value.is_floating_point() and name not in fixed:
             value = value.to(dtype)
@@ -170,6 +182,63 @@ def weight_files(path: Path) -> list[str]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{path / INDEX} is corrupted: {err}") from None
     return [WEIGHTS]
+
+
+#: The metadata of a checkpoint's safetensors (a single file; a sharded checkpoint's index has it, its shards
+#: ``{"format": "pt"}``, as ``huggingface_hub`` writes them).
+SAFETENSORS_METADATA = {"format": "pt", "rankcut_format": str(FORMAT_VERSION)}
+
+
+def write_side_files(model: nn.Module, directory: Path, tokenizer=None, dtype: torch.dtype | None = None) -> None:
+    """The files of a checkpoint besides weights and record: the wrapper ``config.json`` (the model's config,
+    with ``dtype`` as stored), the generation config of a generative model, and the tokenizer."""
+    base = model.config.to_dict()
+    if dtype is not None:
+        base["dtype"] = dtype_name(dtype)
+    RankcutConfig(base_config=base).save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def checkpoint_record(model: nn.Module, record: Record, tied: dict[str, str], files: dict[str, dict],
+                      dtype: torch.dtype | None = None) -> Record:
+    """The record a checkpoint of ``model`` stores: ``record`` (the model's, from compression) with one entry per
+    decomposed layer (its dtype the stored one), the architecture, the ties, and ``files`` (each weights file's
+    ``{"bytes", "sha256"}``)."""
+    targets = {name: record_entry(layer) for name, layer in rankcut_modules(model).items()}
+    if dtype is not None:
+        for entry in targets.values():
+            if "dtype" in entry:
+                entry["dtype"] = dtype_name(dtype)
+    return Record(**{**record.to_json(), "targets": targets, "architecture": type(model).__name__,
+                     "base_model_prefix": getattr(model, "base_model_prefix", ""), "tied": tied, "files": files,
+                     "format_version": FORMAT_VERSION})
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> dict:
+    """Write one safetensors file atomically (a hidden temporary file, flushed to disk, renamed into place; mode
+    0644 as :func:`save` leaves them) and return its ``{"bytes", "sha256"}`` for the record."""
+    from safetensors.torch import save_file
+
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """The ``model.safetensors.index.json`` of a sharded checkpoint, in ``huggingface_hub``'s form."""
+    index = {"metadata": {"total_size": total_size, **SAFETENSORS_METADATA}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2))
 
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False,
@@ -205,30 +274,14 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     tmp.mkdir()
     old = None
     try:
-        state, tied = _unique_state(model, dtype)
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size,
-                              metadata={"format": "pt", "rankcut_format": str(FORMAT_VERSION)})
-        base = model.config.to_dict()
-        if dtype is not None:
-            base["dtype"] = dtype_name(dtype)
-        RankcutConfig(base_config=base).save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        state, tied = unique_state(model, dtype)
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata=SAFETENSORS_METADATA)
+        write_side_files(model, tmp, tokenizer, dtype)
         files = weight_files(tmp) + ([INDEX] if (tmp / INDEX).is_file() else [])
         for name in files:
             os.chmod(tmp / name, 0o644)
-        targets = {name: record_entry(layer) for name, layer in layers.items()}
-        if dtype is not None:
-            for entry in targets.values():
-                if "dtype" in entry:
-                    entry["dtype"] = dtype_name(dtype)
-        out = Record(**{**record.to_json(), "targets": targets, "architecture": type(model).__name__,
-                        "base_model_prefix": getattr(model, "base_model_prefix", ""), "tied": tied,
-                        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                                  for name in files},
-                        "format_version": FORMAT_VERSION})
+        digests = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}
+        out = checkpoint_record(model, record, tied, digests, dtype)
         (tmp / RECORD).write_text(json.dumps(out.to_json(), indent=1, default=str))
         _fsync_tree(tmp)
         if path.exists():
@@ -266,6 +319,9 @@ def read_record(path: str | os.PathLike) -> Record:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not (path / RECORD).is_file():
+        if (path / PROGRESS).is_file():
+            raise CheckpointError(f"{path} is an unfinished streaming compression ({PROGRESS}, no {RECORD}): run the "
+                                  "same compression again to finish it")
         if (path / CONFIG).is_file():
             raise CheckpointError(f"{path} is not a rankcut checkpoint (no {RECORD}): it looks like a Hugging Face "
                                   "model directory; load it with transformers, or compress it with rankcut first")

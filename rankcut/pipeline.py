@@ -4,7 +4,9 @@
 forward hooks (one accumulator per distinct input, :mod:`rankcut.calibrate`) either
 
 - layer by layer (default): each transformer block in turn moves to the work device, sees the calibration
-  activations, is handed to the visitor, and moves back; memory is one block plus the activations;
+  activations, is handed to the visitor, and moves back; memory is one block plus the activations. Where a
+  block's weights come from and go to is a :class:`BlockSource` (default: the model's own;
+  :mod:`rankcut.streaming` reads each block from the source's safetensors and writes it when it is done);
 - over the whole model at once (``layerwise=False``), or
 - not at all, for data-free methods,
 
@@ -36,6 +38,7 @@ from rankcut.calibrate import (
     move_outside,
     with_hidden,
 )
+from rankcut.distributed import all_reduce_stats, current as current_world
 from rankcut.methods import Item
 from rankcut.modules.dense import dense_weight
 from rankcut.policies import Policy
@@ -97,22 +100,34 @@ def split_by_block(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str
 
 def run_blocks(model: nn.Module, targets: dict[str, nn.Module], windows: torch.Tensor | None, visitor: Visitor, *,
                device: torch.device, batch_size: int = 8, layerwise: bool = True, sequential: bool = False,
-               progress: bool = True, timer: Timer | None = None) -> None:
+               progress: bool = True, timer: Timer | None = None, blocks: BlockSource | None = None) -> None:
     """The statistics phase over ``targets`` (emptied as they are handed over, so dense layers can be freed).
 
     ``windows`` (N, T) token ids are the calibration data (None, or a visitor without ``stat``: no forward
     pass). With ``sequential``, each block is calibrated on the outputs of the blocks before it as the
-    visitor left them (compressed), and re-run afterwards to propagate.
+    visitor left them (compressed), and re-run afterwards to propagate. ``blocks`` says where each block's
+    weights come from and go to (default :class:`ResidentBlocks`: the model's own, moved to ``device`` and
+    back; :mod:`rankcut.streaming` reads them from disk and writes the result); it needs ``layerwise``.
     """
+    if blocks is not None and not layerwise:
+        raise ValueError("a block source (blocks=...) needs layerwise processing")
     timer = timer or Timer()
+    world = current_world()
+    if world is not None:  # data parallel (rankcut.distributed): this process's windows; progress from rank 0 only
+        windows = None if windows is None else world.shard(windows)
+        progress = progress and world.main
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            if windows is None or visitor.stat is None:
+            if blocks is not None:  # block by block even without a calibration pass: the weights come and go
+                _layerwise(model, targets, None if visitor.stat is None else windows, visitor, device, batch_size,
+                           sequential, progress, timer, blocks)
+            elif windows is None or visitor.stat is None:
                 visitor.visit(None, targets, None)
             elif layerwise:
-                _layerwise(model, targets, windows, visitor, device, batch_size, sequential, progress, timer)
+                _layerwise(model, targets, windows, visitor, device, batch_size, sequential, progress, timer,
+                           blocks or ResidentBlocks())
             else:
                 _whole_model(model, targets, windows, visitor, device, batch_size, progress, timer)
             visitor.finish()
@@ -128,37 +143,90 @@ def _whole_model(model, targets, windows, visitor, device, batch_size, progress,
         with timer("statistics"), StatsCollector(targets, visitor.stat) as stats:
             for ids in tqdm(list(batches(windows, batch_size)), desc="calibrate", disable=not progress):
                 model(**model_inputs(model, ids.to(device)))
+            all_reduce_stats(stats)  # summed over the processes of a data-parallel world (no-op otherwise)
         visitor.visit(None, targets, stats.stat)
     finally:
         model.to(first)
 
 
-def _layerwise(model, targets, windows, visitor, device, batch_size, sequential, progress, timer) -> None:
-    """One block at a time on ``device``; its inputs are the previous block's outputs (dense or compressed)."""
+class BlockSource:
+    """Where the layerwise runner's blocks live: what it calls around each block. The default
+    (:class:`ResidentBlocks`) keeps the weights in the model and moves each block to the device and back; a
+    streaming source (:mod:`rankcut.streaming`) reads each block from disk, writes it when the visitor is done,
+    and frees it.
+
+    Attributes:
+        start: the first block to calibrate; blocks before it were processed by an earlier, interrupted run:
+            the runner hands them to :meth:`skip` instead (to bring the activations up to ``start``).
+    """
+
+    start: int = 0
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        """Before block ``index`` is calibrated: its weights on ``device``."""
+
+    def unload(self, index: int, block: nn.Module, calls: list) -> None:
+        """After the visitor has had block ``index`` (and, with sequential calibration, after its outputs were
+        propagated): ``calls`` are the next block's inputs."""
+
+    def skip(self, index: int, block: nn.Module, calls: list, device: torch.device) -> list:
+        """Block ``index`` < :attr:`start`: return the next block's inputs (``calls`` may be updated in place)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot skip blocks")
+
+
+class ResidentBlocks(BlockSource):
+    """The blocks are the model's own: each moves to the work device for its turn and back where it was."""
+
+    def load(self, index, block, device) -> None:
+        self.home = next(block.parameters()).device
+        block.to(device)
+
+    def unload(self, index, block, calls) -> None:
+        block.to(self.home)
+
+
+def propagate(block: nn.Module, calls: list) -> None:
+    """Replace each call's hidden-state input (in place) by ``block``'s output for it: the next block's inputs."""
+    for i, (args, kwargs) in enumerate(calls):
+        calls[i] = with_hidden(args, kwargs, block_output(block(*args, **kwargs)))
+
+
+def _layerwise(model, targets, windows, visitor, device, batch_size, sequential, progress, timer,
+               source: BlockSource) -> None:
+    """One block at a time on ``device``; its inputs are the previous block's outputs (dense or compressed).
+    ``windows`` None (a data-free method with a block source): no forward pass, the visitor gets no statistics."""
     prefix, blocks, per_block = split_by_block(model, targets)
     home = model.get_input_embeddings().weight.device
     move_outside(model, prefix, device)
     try:
-        with timer("capture"):
-            calls = capture_block_inputs(model, blocks[0], windows, batch_size, device)
+        calls = None
+        if windows is not None:
+            with timer("capture"):
+                calls = capture_block_inputs(model, blocks[0], windows, batch_size, device)
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
-            block_home = next(block.parameters()).device
-            block.to(device)
+            if index < source.start:
+                calls = source.skip(index, block, calls, device)
+                per_block[index] = {}
+                continue
+            source.load(index, block, device)
             chosen = per_block[index]
-            rerun = sequential and bool(chosen)
-            with timer("statistics"), StatsCollector(chosen, visitor.stat) as stats:
-                for i, (args, kwargs) in enumerate(calls):
-                    out = block_output(block(*args, **kwargs))
-                    if not rerun:  # the dense output is the next block's input: replace in place, so
-                        calls[i] = with_hidden(args, kwargs, out)  # inputs and outputs never coexist
-                del out
-            visitor.visit(index, chosen, stats.stat)
-            del stats
-            if rerun:
-                with timer("propagation"):
+            if calls is None:
+                visitor.visit(index, chosen, None)
+            else:
+                rerun = sequential and bool(chosen)
+                with timer("statistics"), StatsCollector(chosen, visitor.stat) as stats:
                     for i, (args, kwargs) in enumerate(calls):
-                        calls[i] = with_hidden(args, kwargs, block_output(block(*args, **kwargs)))
-            block.to(block_home)
+                        out = block_output(block(*args, **kwargs))
+                        if not rerun:  # the dense output is the next block's input: replace in place, so
+                            calls[i] = with_hidden(args, kwargs, out)  # inputs and outputs never coexist
+                    del out
+                    all_reduce_stats(stats)  # summed over the processes of a data-parallel world (no-op otherwise)
+                visitor.visit(index, chosen, stats.stat)
+                del stats
+                if rerun:
+                    with timer("propagation"):
+                        propagate(block, calls)
+            source.unload(index, block, calls)
             # Drop the runner's references to the block's dense layers so that, once the visitor has swapped
             # them out, their memory (on the device, where the block was processed) is freed now.
             for name in chosen:

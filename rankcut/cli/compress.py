@@ -1,4 +1,5 @@
-"""``rankcut compress MODEL -o OUT``: :func:`rankcut.compress_` then :func:`rankcut.save`."""
+"""``rankcut compress MODEL -o OUT``: :func:`rankcut.compress_` then :func:`rankcut.save`; with ``--streaming``,
+:func:`rankcut.compress_streaming` (one block in memory at a time, written as it goes, resumable)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from pathlib import Path
 
 from rankcut import report
-from rankcut.cli import flags
+from rankcut.cli import dataparallel, flags
 
 #: Storage dtypes ``--save-dtype`` offers besides ``source`` (float64 doubles the file for nothing).
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
@@ -58,11 +59,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-compensate", dest="compensate", action="store_false", help="quantise U and V as they are "
                    "(default: V first, then U refitted to it in the layer's input norm, a second calibration pass)")
     flags.add_device(p, "where blocks are processed: auto (CUDA when available), cpu, cuda, cuda:N")
+    dataparallel.add_gpus(p)
     flags.add_dtype(p)
     p.add_argument("--save-dtype", default="source", choices=["source", *SAVE_DTYPES], help=flags.helptext(
         "dtype of the checkpoint's weights; source: the dtype the source model stores (the dtype it was computed "
         "in when that is unknown)", "source"))
     flags.add_output(p, "checkpoint directory to write", "replace an existing checkpoint at --output")
+    p.add_argument("--streaming", action="store_true", help="models larger than host memory: read one block at a "
+                   "time from MODEL's safetensors (a local directory) and write each compressed block to --output as "
+                   "it is done; the same command resumes an interrupted run")
+    p.add_argument("--restart", action="store_true", help="with --streaming: discard an unfinished streaming "
+                   "compression in --output and start over (default: resume it)")
     p.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON here")
     flags.add_quiet(p)
     return p
@@ -145,12 +152,20 @@ def run(args: argparse.Namespace) -> int:
                                    factor_dtype=args.factor_dtype, factor_group=args.factor_group,
                                    compensate=args.compensate)
     output = Path(args.output)
+    dataparallel.check(args)
+    if args.streaming:
+        return run_streaming(args, config, context, expected_model)
+    if args.restart:
+        raise CLIError("--restart applies to --streaming (an unfinished streaming compression in --output)")
     check_output(output, args.overwrite, flag="--overwrite")  # before any work: fail fast, write nothing
     flags.check_sources(calib=args.calib)
     from rankcut.compress import check_inputs
 
     check_inputs(config, args.calib)
     device = resolve_device(args.device)
+    if dataparallel.spawns(args):  # --gpus N: this same command in N processes of one world
+        return dataparallel.spawn(args, device)
+    world, device = dataparallel.join(args, device)  # torchrun or --gpus: this process's rank and device
     if args.factor_dtype and device.type == "cuda":
         from rankcut.kernels.dispatch import triton_available
 
@@ -161,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     check_measurements(model, config, context, expected_model)
     summary = compress_(model, config, calib=args.calib, tokenizer=tokenizer, device=device, progress=not args.quiet,
                         context=context)
+    if world is not None and not world.main:  # every process has the same model; rank 0 prints and writes
+        return dataparallel.done(world)
     print(summary.table())
     computed = next(p.dtype for p in model.parameters() if p.is_floating_point())
     source = source_dtype(args.model)
@@ -179,4 +196,48 @@ def run(args: argparse.Namespace) -> int:
                                           "checkpoint": sizes, **report.invocation(args.argv, device)})
     print(f"saved {output}")
     print(report.size_line(after, before, sizes["dtype"], sizes["source_dtype"], estimated))
+    return dataparallel.done(world)
+
+
+def run_streaming(args: argparse.Namespace, config, context: dict, expected_model: str | None) -> int:
+    """``--streaming``: :func:`rankcut.compress_streaming` from a local directory into --output."""
+    from rankcut.cli import CLIError
+    from rankcut.hf import stored_dtype
+    from rankcut.io import checkpoint_bytes
+    from rankcut.streaming import SourceModel, check_source, compress_streaming, source_digest
+    from rankcut.utils import dtype_name, resolve_device
+
+    flags.check_sources(calib=args.calib)
+    from rankcut.compress import check_inputs
+
+    check_inputs(config, args.calib)
+    check_source(args.model)
+    if args.factor_dtype:
+        raise CLIError("--factor-dtype quantises the factors in a second pass over the whole compressed model, which "
+                       "--streaming does not do: compress without --streaming, or without --factor-dtype")
+    if "sensitivity" in context:
+        raise CLIError("--allocation sensitivity plans every target at once: it does not combine with --streaming")
+    device = resolve_device(args.device)
+    dtype = flags.compute_dtype(args.dtype, device)
+    if expected_model is not None:  # the plan names the weights it was made for: hash the source block by block
+        if source_digest(SourceModel(args.model, dtype, device)) != expected_model:
+            raise CLIError("the plan was made for another model (its weights differ)")
+    args.interrupted = (f"the blocks finished so far are in {args.output}: run the same command again to resume")
+    try:
+        summary = compress_streaming(args.model, args.output, config, calib=args.calib, device=device, dtype=dtype,
+                                     save_dtype="source" if args.save_dtype == "source" else args.save_dtype,
+                                     resume=not args.restart, overwrite=args.overwrite, progress=not args.quiet)
+    except ValueError as err:
+        raise ValueError(str(err).replace("resume=False (--restart)", "--restart")) from None
+    print(summary.table())
+    stored = stored_dtype(args.output)
+    source = source_dtype(args.model)
+    after, before = checkpoint_bytes(args.output), checkpoint_bytes(os.path.expanduser(args.model))
+    sizes = {"bytes": after, "dtype": dtype_name(stored) if stored else None, "source_bytes": before,
+             "source_dtype": dtype_name(source) if source else None, "source_bytes_estimated": False}
+    report.write_json(args.summary_json, {"summary": summary.to_dict(), "config": config.to_dict(),
+                                          "checkpoint": sizes, "streaming": True,
+                                          **report.invocation(args.argv, device)})
+    print(f"saved {args.output}")
+    print(report.size_line(after, before, sizes["dtype"], sizes["source_dtype"], None))
     return 0
