@@ -137,7 +137,11 @@ def child(args) -> None:
         rankcut.save(model, out, overwrite=True, dtype=getattr(torch, args.dtype))
         times["save"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
-    result = {"mode": args.child, "wall_s": round(wall, 2), "peak_rss_bytes": peak_rss(),
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: steadier than wall time on a shared machine
+    result = {"mode": args.child, "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+              "peak_rss_bytes": peak_rss(),
               "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
               "stage_times": {k: round(v, 2) for k, v in {**summary.times, **times}.items()},
               "keep_targets": summary.keep_targets, "device": str(device)}
@@ -218,7 +222,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{mode} failed (exit {run.returncode})")
             results.append(json.loads(lines[-1][len("RESULT "):]))
             r = results[-1]
-            print(f"{mode:<10} wall {r['wall_s']:8.1f} s   peak host RSS {r['peak_rss_bytes'] / GiB:7.3f} GiB "
+            print(f"{mode:<10} wall {r['wall_s']:8.1f} s   CPU {r['cpu_s']:8.1f} s   peak host RSS {r['peak_rss_bytes'] / GiB:7.3f} GiB "
                   f"({r['peak_rss_bytes'] >> 20} MiB)"
                   + (f"   peak GPU {r['peak_gpu_bytes'] / GiB:6.2f} GiB" if r["peak_gpu_bytes"] else ""), flush=True)
     best = {mode: {"wall_s_min": min(r["wall_s"] for r in results if r["mode"] == mode),

@@ -165,27 +165,26 @@ class SourceModel:
     def read(self, names: list[str], device: torch.device | str = "cpu", digest=None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (model names), each file opened once and closed after (its pages unmapped),
         cast to the skeleton's dtype for floating-point tensors, on ``device`` (as ``from_pretrained`` does).
-        ``digest`` (a ``hashlib`` object) is updated with each name and its stored bytes, in the order given."""
+        ``digest`` (a ``hashlib`` object) is updated with each name and its stored bytes, file by file in the
+        order given. One tensor at a time is held in its stored dtype next to the converted ones."""
         from safetensors import safe_open
 
         meta = self.model.state_dict(keep_vars=True)
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.keys[name][0], []).append(name)
-        raw = {}
+        out = {}
         for file, group in by_file.items():
             with safe_open(str(self.path / file), framework="pt") as handle:
                 for name in group:
-                    raw[name] = handle.get_slice(self.keys[name][1])[...]
-        out = {}
-        for name in names:
-            tensor = raw.pop(name)
-            if digest is not None:
-                digest.update(name.encode())
-                digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-            dtype = meta[name].dtype if tensor.is_floating_point() else None
-            out[name] = tensor.to(device=device, dtype=dtype)
-        return out
+                    tensor = handle.get_slice(self.keys[name][1])[...]
+                    if digest is not None:
+                        digest.update(name.encode())
+                        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    dtype = meta[name].dtype if tensor.is_floating_point() else None
+                    out[name] = tensor.to(device=device, dtype=dtype)
+                    del tensor
+        return {name: out[name] for name in names}
 
     def load_outside(self, prefix: str) -> str:
         """Read every tensor outside the block stack ``prefix`` into the skeleton (and tie what the model ties).
