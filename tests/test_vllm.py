@@ -4,10 +4,13 @@
   and summing (no vLLM needed).
 - The checkpoint as vLLM sees it (the plugin's config and record reading; no vLLM needed), and plain
   ``transformers`` refusing it.
+- Quantised factors (``quant_lowrank``): each rank's share of codes and scales dequantises to exactly the
+  shard of the dequantised factor, and the sharded layer equals the unsharded ``QuantLowRankLinear`` (no vLLM).
 - With vLLM installed (``vllm`` and ``slow``; skipped otherwise): greedy generation through ``vllm.LLM`` equals
   rankcut's own model token for token in float32 on both testbed models (mixed dense / low-rank layers
   included), at tensor-parallel size 2 on the CPU, through ``vllm serve``'s OpenAI API, and bad checkpoints
-  refused with errors naming the layer.
+  refused with errors naming the layer; the same for int8 and int4 factors of codellama-16m (dequantised by
+  the plugin into the very factors rankcut computes with, to the bit), int4 at tensor-parallel size 2 too.
 """
 
 from __future__ import annotations
@@ -36,11 +39,17 @@ from rankcut.integrations.sharding import (
     break_even_rank,
     bytes_per_rank,
     column_spans,
+    dequantize_shard,
     local_shapes,
+    quant_span,
     shard_bias,
+    shard_codes,
     shard_dense,
     shard_factors,
+    shard_quant,
     shard_span,
+    shard_U,
+    shard_V,
 )
 from conftest import shared_path
 
@@ -188,6 +197,100 @@ def test_bytes_per_rank_and_break_even():
         assert (b["U"] + b["V"]) * r == pytest.approx(b["dense"])
 
 
+# ----------------------------------------------------------------------- quantised factors, dequantised per rank
+
+
+def quant_layer(fmt: str, m: int, n: int, r: int, seed: int = 0):
+    """A ``QuantLowRankLinear`` (out m, in n, rank r, int4 group 128) with a bias, from random float factors."""
+    from rankcut.modules.quantized import QuantLowRankLinear
+
+    U, V, b, _ = factors(m, n, r, seed)
+    return QuantLowRankLinear.from_factors(U.float(), V.float(), b.float(), fmt, group=128, compensate=False)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("tp", [1, 2, 3, 4, 6])
+def test_quantised_shares_dequantise_to_the_shards_of_the_dequantised_factors(fmt, tp):
+    """Cutting codes and scales, then dequantising a rank's share, gives to the bit the shard of the dequantised
+    factor — U's rows per part (column-parallel, GQA replicas included), V's columns (row-parallel; int4 V of 384
+    columns in groups of 128 over 2, 3, 4, 6 ranks: the shares start and end inside groups, each rank holds the
+    whole groups covering its columns)."""
+    layer = quant_layer(fmt, 256, 384, 10)
+    U, V = layer.U.weight(torch.float32), layer.V.weight(torch.float32)
+    replicas = 2 if tp == 4 else 1  # GQA: k and v rows held by pairs of ranks
+    parts = [Part(128), Part(64, replicas), Part(64, replicas)]
+    for rank in range(tp):
+        for which, factor, style in (("U", layer.U, "column"), ("V", layer.V, "row")):
+            if which == "U" and 256 % tp:  # 3 or 6 ranks cannot split the rows (as for a dense layer)
+                continue
+            shape = (factor.out_features, factor.in_features)
+            span = quant_span(which, fmt, 128, shape, style, tp, rank, parts if which == "U" else None, "x")
+            got = dequantize_shard(*shard_quant(factor.codes, factor.scale, span, shape, "x"), span, torch.float32)
+            full = U if which == "U" else V
+            want = shard_U(full, style, tp, rank, parts) if which == "U" else shard_V(full, style, tp, rank)
+            assert torch.equal(got, want), (which, rank)
+            if which == "V" and fmt == "int4":  # whole groups held, never a split byte or group
+                assert span.col_start % 128 == 0 and (span.col_start + span.col_count) % 128 in (0, 384 % 128)
+                assert span.keep_count == 384 // tp and span.col_count < 384 // tp + 2 * 128
+            for style_other in ("column", "row", "replicated"):  # the unsharded directions hold everything
+                if (which, style_other) in (("U", "column"), ("V", "row")):
+                    continue
+                whole = quant_span(which, fmt, 128, shape, style_other, tp if style_other != "replicated" else 1,
+                                   rank if style_other != "replicated" else 0, None, "x")
+                assert torch.equal(dequantize_shard(*shard_quant(factor.codes, factor.scale, whole, shape), whole),
+                                   full)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_dequantised_then_sharded_layer_equals_the_unsharded_quantised_layer(fmt, tp):
+    """rankcut's own ``QuantLowRankLinear`` (CPU path: dequantise in the input's dtype, two products) against the
+    path the vLLM plugin takes: each rank dequantises its share of codes and scales into float factors and runs
+    the lowrank layer — column-parallel outputs put back in place, row-parallel partial products summed (the
+    all-reduce; bias on rank 0)."""
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(7))
+    column = quant_layer(fmt, 256, 384, 18, seed=1)  # q/k/v-like parts: 128 + 64 + 64 rows
+    parts = [Part(128), Part(64), Part(64)]
+    full = column(x)
+    got = torch.full_like(full, float("nan"))
+    for rank in range(tp):
+        Uk, Vk = [dequantize_shard(*shard_quant(f.codes, f.scale, span, (f.out_features, f.in_features)), span)
+                  for f, span in ((column.U, quant_span("U", fmt, 128, (256, 18), "column", tp, rank, parts)),
+                                  (column.V, quant_span("V", fmt, 128, (18, 384), "column", tp, rank)))]
+        y = lowrank(x, Uk, Vk, shard_bias(column.bias.detach(), "column", tp, rank, parts))
+        at = 0
+        for start, length in column_spans(parts, tp, rank):
+            got[:, start:start + length] = y[:, at:at + length]
+            at += length
+    torch.testing.assert_close(got, full, rtol=0, atol=0)  # the same products on the same float32 factors
+    row = quant_layer(fmt, 384, 384, 18, seed=2)  # o_proj-like: 384 input columns, int4 groups of 128
+    x = x.double()  # float64 (rankcut dequantises to the input's dtype): the all-reduce's reordered sum is exact
+    total = torch.zeros(5, 384, dtype=torch.float64)
+    for rank in range(tp):
+        Uk, Vk = [dequantize_shard(*shard_quant(f.codes, f.scale, span, (f.out_features, f.in_features)), span,
+                                   torch.float64)
+                  for f, span in ((row.U, quant_span("U", fmt, 128, (384, 18), "row", tp, rank)),
+                                  (row.V, quant_span("V", fmt, 128, (18, 384), "row", tp, rank)))]
+        start, length = shard_span(384, tp, rank)
+        bias = shard_bias(row.bias.detach().double(), "row", tp, rank)
+        total += lowrank(x[:, start:start + length], Uk, Vk, bias)
+    torch.testing.assert_close(total, row(x), rtol=0, atol=1e-10)  # to rounding of the reordered sum
+
+
+def test_quantised_sharding_errors_name_the_layer():
+    layer = quant_layer("int4", 64, 384, 8)
+    span = quant_span("V", "int4", 128, (8, 384), "row", 2, 0, layer="model.layers.0.self_attn.o_proj")
+    with pytest.raises(ShardingError, match=r"model\.layers\.0\.self_attn\.o_proj: int4 codes of shape \[8, 384\] "
+                                            r"do not store a 8 x 384 factor \(expected \[8, 192\]\)"):
+        shard_codes(layer.V.codes.view(torch.int8).repeat(1, 2), span, (8, 384), "model.layers.0.self_attn.o_proj")
+    with pytest.raises(ShardingError, match=r"o_proj: int4 codes must be torch\.uint8, got torch\.int8"):
+        shard_codes(layer.V.codes.view(torch.int8), span, (8, 384), "o_proj")
+    with pytest.raises(ShardingError, match=r"down_proj: tensor-parallel size 5 does not divide its input columns"):
+        quant_span("V", "int8", 0, (8, 384), "row", 5, 0, layer="down_proj")
+    with pytest.raises(ShardingError, match=r"o_proj: V: int4 packs two codes per byte: the input dimension 383"):
+        quant_span("V", "int4", 128, (8, 383), "row", 1, 0, layer="o_proj")
+
+
 def test_importing_rankcut_never_imports_vllm():
     script = ("import sys, rankcut, rankcut.integrations.sharding, rankcut.integrations.vllm_plugin\n"
               "assert 'vllm' not in sys.modules, sorted(m for m in sys.modules if m.startswith('vllm'))\nprint('OK')")
@@ -199,7 +302,7 @@ def test_importing_rankcut_never_imports_vllm():
 # ------------------------------------------------------------------------------------ testbed checkpoints
 
 
-def compress_testbed(name: str, out: Path, overrides: dict) -> Path:
+def compress_testbed(name: str, out: Path, overrides: dict, factor_dtype: str | None = None) -> Path:
     import transformers
 
     import rankcut
@@ -207,18 +310,35 @@ def compress_testbed(name: str, out: Path, overrides: dict) -> Path:
     src = shared_path("testbed", name)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(src)
-    cfg = rankcut.CompressConfig(method="whiten", keep=0.6, calib_samples=8, seq_len=128, overrides=overrides)
+    cfg = rankcut.CompressConfig(method="whiten", keep=0.6, calib_samples=8, seq_len=128, overrides=overrides,
+                                 factor_dtype=factor_dtype)
     rankcut.compress_(model, cfg, calib=str(shared_path(*CALIB)), tokenizer=tok, progress=False)
     return rankcut.save(model, out, tokenizer=tok, dtype="float16")
+
+
+LLAMA_DENSE = {"model.layers.1.self_attn.k_proj": {"dense": True}, "model.layers.2.mlp.up_proj": {"dense": True}}
 
 
 @pytest.fixture(scope="module")
 def llama_ckpt(tmp_path_factory):
     """codellama-16m (Llama, GQA) at keep 0.6, float16; q/k/v of different ranks, layer 1's k_proj and layer 2's
     up_proj left dense (vLLM's fused qkv_proj and gate_up_proj mix dense and low-rank parts), the LM head dense."""
-    return compress_testbed("codellama-16m", tmp_path_factory.mktemp("vllm") / "codellama",
-                            {"model.layers.1.self_attn.k_proj": {"dense": True},
-                             "model.layers.2.mlp.up_proj": {"dense": True}})
+    return compress_testbed("codellama-16m", tmp_path_factory.mktemp("vllm") / "codellama", LLAMA_DENSE)
+
+
+@pytest.fixture(scope="module")
+def quant_ckpt(tmp_path_factory):
+    """``quant_ckpt(fmt)``: codellama-16m as ``llama_ckpt`` (the same dense parts) with int8 or int4 factors
+    (``factor_dtype``, int4 groups of 128; error compensation from the same 8 calibration windows), built once."""
+    built = {}
+
+    def get(fmt: str) -> Path:
+        if fmt not in built:
+            built[fmt] = compress_testbed("codellama-16m", tmp_path_factory.mktemp("vllm") / f"codellama-{fmt}",
+                                          LLAMA_DENSE, factor_dtype=fmt)
+        return built[fmt]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -231,20 +351,23 @@ def gpt2_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(llama_ckpt, gpt2_ckpt):
     """Greedy tokens of rankcut's own model (``rankcut.load`` in float32, Hugging Face ``generate``)."""
+    return {path: reference_tokens(path) for path in (llama_ckpt, gpt2_ckpt)}
+
+
+def reference_tokens(path: Path) -> list[list[int]]:
+    """Greedy tokens of each prompt from ``rankcut.load(path, dtype=torch.float32)`` and HF ``generate``."""
     import transformers
 
     import rankcut
 
-    out = {}
-    for path in (llama_ckpt, gpt2_ckpt):
-        model = rankcut.load(path, dtype=torch.float32)
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-        out[path] = []
-        for prompt in PROMPTS:
-            ids = tok(prompt, return_tensors="pt").input_ids
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                 pad_token_id=tok.eos_token_id)
-            out[path].append(gen[0, ids.shape[1]:].tolist())
+    model = rankcut.load(path, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    out = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+        out.append(gen[0, ids.shape[1]:].tolist())
     return out
 
 
@@ -275,20 +398,50 @@ def test_vllm_config_is_the_original_with_the_record(llama_ckpt):
 
 
 def test_vllm_config_refuses_what_vllm_cannot_serve(llama_ckpt, tmp_path):
-    from rankcut.integrations.vllm_plugin import RankcutVllmError, hf_config
+    """tucker and shared_basis targets, and runtime plans, are refused naming them; quantised factors are served
+    (dequantised), an unknown factor format is refused."""
+    from rankcut.integrations.vllm_plugin import RankcutVllmError, hf_config, quantization_config
 
     path = tmp_path / "ck"
     shutil.copytree(llama_ckpt, path)
     record = json.loads((path / "rankcut.json").read_text())
-    record["targets"]["model.layers.3.mlp.down_proj"]["type"] = "tucker"
-    (path / "rankcut.json").write_text(json.dumps(record))
-    with pytest.raises(RankcutVllmError, match=r"target model\.layers\.3\.mlp\.down_proj is of module type 'tucker'"):
-        hf_config(path)
+    for kind in ("tucker", "shared_basis"):
+        record["targets"]["model.layers.3.mlp.down_proj"]["type"] = kind
+        (path / "rankcut.json").write_text(json.dumps(record))
+        with pytest.raises(RankcutVllmError, match=rf"target model\.layers\.3\.mlp\.down_proj is of module type "
+                                                   rf"'{kind}'; the vLLM plugin serves lowrank, quant_lowrank"):
+            hf_config(path)
+    quant = {"type": "quant_lowrank", "rank": 8, "shape": [384, 1024], "format": "int4", "group": 128}
+    qc = quantization_config({"targets": {"model.layers.3.mlp.down_proj": quant}})
+    assert qc["targets"]["model.layers.3.mlp.down_proj"] == quant  # no longer refused
+    with pytest.raises(RankcutVllmError, match=r"quantised target x has factor format 'int3'; the vLLM plugin "
+                                               r"dequantises int8, fp8, int4"):
+        quantization_config({"targets": {"x": {**quant, "format": "int3"}}})
+    with pytest.raises(RankcutVllmError, match=r"int4 target x needs an even group size >= 2, got 3"):
+        quantization_config({"targets": {"x": {**quant, "group": 3}}})
     record["targets"]["model.layers.3.mlp.down_proj"]["type"] = "lowrank"
     record["runtime"] = {"activation_decomposition": {"layers": [2], "rank": 8}}
     (path / "rankcut.json").write_text(json.dumps(record))
     with pytest.raises(RankcutVllmError, match=r"runtime activation-decomposition plan, which rankcut\.load applies"):
         hf_config(path)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantised_checkpoint_as_vllm_sees_it(quant_ckpt, fmt):
+    """A quantised checkpoint: every low-rank target is quant_lowrank (codes and scales in the weights, no float
+    factors), the dense parts are the float checkpoint's, and the plugin's config carries format and group."""
+    from rankcut.integrations.vllm_plugin import checkpoint_keys, hf_config
+
+    path = quant_ckpt(fmt)
+    record = json.loads((path / "rankcut.json").read_text())
+    assert {e["type"] for e in record["targets"].values()} == {"quant_lowrank"}
+    assert set(LLAMA_DENSE) <= set(record["dense"])
+    qc = hf_config(path)[1].quantization_config
+    q = qc["targets"]["model.layers.0.self_attn.q_proj"]
+    assert q["type"] == "quant_lowrank" and q["format"] == fmt and q["group"] == (128 if fmt == "int4" else 0)
+    keys = checkpoint_keys(path)
+    assert {f"model.layers.0.self_attn.o_proj.{f}.{k}" for f in "UV" for k in ("codes", "scale")} <= keys
+    assert not any(k.endswith((".U.weight", ".V.weight")) for k in keys)
 
 
 PLAIN_TRANSFORMERS = textwrap.dedent(
@@ -349,9 +502,9 @@ def vllm_env(tp: int) -> dict:
     return env
 
 
-def run_vllm(path: Path, tp: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_vllm(path: Path, tp: int = 1, timeout: int = 900, extra: list[str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(HERE / "vllm_driver.py"), str(path), *PROMPTS, "--tp", str(tp),
-           "--max-tokens", str(MAX_TOKENS)]
+           "--max-tokens", str(MAX_TOKENS), *(extra or [])]
     return subprocess.run(cmd, capture_output=True, text=True, env=vllm_env(tp), timeout=timeout)
 
 
@@ -381,6 +534,75 @@ def test_vllm_tensor_parallel_2_equals_rankcut(which, llama_ckpt, gpt2_ckpt, ref
         pytest.skip("tensor parallelism on the CPU backend needs a core per rank")
     path = llama_ckpt if which == "llama" else gpt2_ckpt
     assert generated(run_vllm(path, tp=2)) == references[path]
+
+
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def expected_layers(path: Path) -> dict[str, dict]:
+    """What each vLLM layer served by the plugin should hold at TP 1 (``served_layers``' U / V / W): rankcut's
+    own factors in float32 — ``QuantFactor.weight(torch.float32)``, the very tensors its CPU forward multiplies —
+    flattened and stacked per vLLM layer as the plugin lays them out, dense parts in ``W``."""
+    import rankcut
+    from rankcut.modules.quantized import QuantLowRankLinear
+
+    model = rankcut.load(path, dtype=torch.float32)
+    out = {}
+    for name, module in model.named_modules():
+        base, _, last = name.rpartition(".")
+        fused = next(((k, v) for k, v in PACKED.items() if v[0] == last), None)  # q_proj, gate_proj: the group
+        if fused is None and (not isinstance(module, QuantLowRankLinear) or
+                              last in {p for ps in PACKED.values() for p in ps}):
+            continue
+        names = [f"{base}.{p}" for p in fused[1]] if fused else [name]
+        U, V, W = [], [], []
+        for part in (model.get_submodule(n) for n in names):
+            if isinstance(part, QuantLowRankLinear):
+                U.append(part.U.weight(torch.float32).reshape(-1))
+                V.append(part.V.weight(torch.float32))
+            else:
+                W.append(part.weight.detach())
+        entry = {"U": torch.cat(U), "V": torch.cat(V)}
+        if W:
+            entry["W"] = torch.cat(W)
+        out[f"{base}.{fused[0]}" if fused else name] = entry
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_vllm_greedy_equals_rankcut_with_quantised_factors(fmt, quant_ckpt, tmp_path):
+    """int8 / int4 factors dequantised by the plugin after loading: vLLM's layers then hold exactly (to the bit)
+    the float32 factors rankcut's own CPU forward computes with, no codes or scales are left, and greedy
+    generation through vLLM gives rankcut's tokens."""
+    path = quant_ckpt(fmt)
+    dump = tmp_path / "layers.pt"
+    tokens = generated(run_vllm(path, extra=["--dump", str(dump)]))
+    assert tokens == reference_tokens(path)
+    (served,) = torch.load(dump)
+    expected = expected_layers(path)
+    assert set(served) == set(expected) and len(expected) == 4 * 6  # qkv, o, gate_up, down in each of 6 layers
+    assert served["model.layers.1.self_attn.qkv_proj"]["params"] == ["U.weight", "V.weight", "weight"]
+    for name, want in expected.items():
+        got = served[name]
+        assert not any(p.endswith((".codes", ".scale")) for p in got["params"]), (name, got["params"])
+        for key, tensor in want.items():
+            assert got[key].dtype == torch.float32 and torch.equal(got[key], tensor), (name, key)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_vllm_tensor_parallel_2_with_int4_factors(quant_ckpt):
+    """int4 factors over two ranks: U's codes and scales cut by rows (q/k/v, gate/up), V's by whole groups of 128
+    columns — o_proj's 384 columns give each rank 192, one and a half groups, so each holds the two covering
+    groups and keeps its columns after dequantising; down_proj's 1024 split into 4 whole groups each."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("tensor parallelism on the CPU backend needs a core per rank")
+    path = quant_ckpt("int4")
+    assert generated(run_vllm(path, tp=2)) == reference_tokens(path)
 
 
 def damaged(src: Path, dst: Path, drop_target: str | None = None, drop_tensor: str | None = None) -> Path:
@@ -420,6 +642,24 @@ def test_vllm_refuses_a_layer_neither_recorded_nor_dense(gpt2_ckpt, tmp_path):
     assert ("needs layer transformer.h.1.mlp.c_fc, which rankcut.json does not record as a decomposed target and the "
             "weights do not hold dense (transformer.h.1.mlp.c_fc.weight)") in result.stdout + result.stderr, \
         result.stdout[-6000:] + result.stderr[-6000:]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_vllm_refuses_quantised_factors_the_weights_lack(quant_ckpt, tmp_path):
+    """A quant_lowrank target whose scales are missing from the weights: named before any layer is built (the
+    plugin's quantization config, in this process)."""
+    from rankcut.integrations.vllm_layers import RankcutConfig
+    from rankcut.integrations.vllm_plugin import RankcutVllmError, hf_config
+
+    path = damaged(quant_ckpt("int8"), tmp_path / "ck", drop_tensor="model.layers.0.self_attn.o_proj.V.scale")
+    config = RankcutConfig.from_config(hf_config(path)[1].quantization_config)
+    assert "with quantised factors" in repr(config)
+    with pytest.raises(RankcutVllmError, match=r"rankcut\.json records model\.layers\.0\.self_attn\.o_proj as rank \d+ "
+                                               r"\(int8 factors, quant_lowrank\), but the weights hold no "
+                                               r"model\.layers\.0\.self_attn\.o_proj\.V\.scale"):
+        config.maybe_update_config(str(path))
 
 
 def free_port() -> int:

@@ -21,6 +21,16 @@ Bytes read per rank (:func:`bytes_per_rank`): a column-parallel layer reads ``r 
 row-parallel one ``r (out + in/t)``, against ``out·in/t`` dense. The replicated factor does not shrink with
 ``t``, so the per-rank break-even rank of a column-parallel layer is ``out·in / (out + t·in)``, below the
 unsharded ``out·in / (out + in)``.
+
+**Quantised factors** (``quant_lowrank``, :mod:`rankcut.quant`) are sharded as codes and scales, along the same
+dimensions as the float factors, and each rank dequantises its share (:func:`quant_span`, :func:`shard_quant`,
+:func:`dequantize_shard`): rows (column-parallel ``U``) carry their codes and scales with them in every format;
+columns (row-parallel ``V``) split int8/fp8 codes freely (one scale per row, replicated), while int4 packs two
+columns per byte and shares a scale over ``group`` columns — a rank whose columns start or end inside a group
+holds the whole groups that cover them (at most one extra group at each end, never a split byte or group) and
+drops the extra columns after dequantising. Dequantising a rank's share and cutting it equals cutting the
+dequantised factor, to the bit: the float factors a rank ends with are exactly :func:`shard_U` / :func:`shard_V`
+of the unsharded dequantised ones, for any tensor-parallel size a dense layer allows.
 """
 
 from __future__ import annotations
@@ -30,10 +40,15 @@ from dataclasses import dataclass
 
 import torch
 
+from rankcut.modules.quantized import CODE_DTYPES  # the codes' dtype per format (int4: two codes per byte)
+from rankcut.quant import FORMATS, Quantized, check_group, dequantize
+
 STYLES = ("column", "row", "replicated")
 
-__all__ = ["Part", "STYLES", "ShardingError", "break_even_rank", "bytes_per_rank", "column_spans", "local_shapes",
-           "shard_bias", "shard_dense", "shard_factors", "shard_span", "shard_U", "shard_V"]
+__all__ = ["CODE_DTYPES", "Part", "QuantSpan", "STYLES", "ShardingError", "break_even_rank", "bytes_per_rank",
+           "column_spans", "dequantize_shard", "local_shapes", "quant_shapes", "quant_span", "shard_bias",
+           "shard_codes", "shard_dense", "shard_factors", "shard_quant", "shard_scale", "shard_span", "shard_U",
+           "shard_V"]
 
 
 class ShardingError(ValueError):
@@ -211,3 +226,142 @@ def break_even_rank(style: str, out_features: int, in_features: int, tp_size: in
     if style == "row":
         return m * n / (t * m + n)
     return m * n / (m + n)
+
+
+# ------------------------------------------------------------------------------------------ quantised factors
+
+
+def quant_shapes(fmt: str, rows: int, cols: int, group: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(codes shape, scale shape)`` of a quantised ``rows × cols`` matrix as :func:`rankcut.quant.quantize`
+    stores it: int8/fp8 ``(rows, cols)`` codes and ``(rows,)`` scales; int4 ``(rows, cols / 2)`` bytes and
+    ``(rows, ceil(cols / group))`` scales (the last group may be shorter)."""
+    if fmt not in FORMATS:
+        raise ShardingError(f"unknown factor format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "int4":
+        return (rows, cols // 2), (rows, -(-cols // group))
+    return (rows, cols), (rows,)
+
+
+@dataclass(frozen=True)
+class QuantSpan:
+    """What one rank holds of a quantised factor (out × in orientation, like the float factors).
+
+    Attributes:
+        format, group: the factor's format and int4 group (0 otherwise).
+        rows: ``(start, length)`` spans of the full factor's rows held, in order (column-parallel ``U``: one
+            per part; otherwise one span of every row).
+        col_start, col_count: the block of columns whose codes and scales are held (group-aligned for int4).
+        keep_start, keep_count: the columns of that block this rank uses (after dequantising).
+    """
+
+    format: str
+    group: int
+    rows: tuple[tuple[int, int], ...]
+    col_start: int
+    col_count: int
+    keep_start: int
+    keep_count: int
+
+    @property
+    def n_rows(self) -> int:
+        return sum(length for _, length in self.rows)
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(codes shape, scale shape)`` of the held share."""
+        return quant_shapes(self.format, self.n_rows, self.col_count, self.group)
+
+    def nbytes(self) -> tuple[int, int]:
+        """``(code bytes, scale bytes)`` of the held share."""
+        codes, scale = self.shapes()
+        return torch.Size(codes).numel(), torch.Size(scale).numel() * 4  # codes are one byte each
+
+
+def quant_span(which: str, fmt: str, group: int, shape: tuple[int, int], style: str, tp_size: int, tp_rank: int,
+               parts: Sequence[Part] | None = None, layer: str = "layer") -> QuantSpan:
+    """Rank ``tp_rank``'s share of quantised factor ``which`` (``"U"``: out × r, ``"V"``: r × in) of shape
+    ``shape``: ``U``'s rows per part for a column-parallel layer, ``V``'s columns for a row-parallel one (whole
+    int4 groups covering them), everything otherwise — the same split as :func:`shard_U` / :func:`shard_V`.
+
+    Raises:
+        ShardingError: the split does not divide a sharded dimension (as for a dense layer), or the format or
+            int4 group does not fit the factor.
+    """
+    _style(style, layer)
+    _check_tp(tp_size, tp_rank, layer)
+    if which not in ("U", "V"):
+        raise ShardingError(f"{layer}: unknown factor {which!r}; expected 'U' or 'V'")
+    if fmt not in FORMATS:
+        raise ShardingError(f"{layer}: unknown factor format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    rows, cols = shape
+    if fmt == "int4":
+        try:
+            check_group(cols, group, ragged=True)
+        except ValueError as err:
+            raise ShardingError(f"{layer}: {which}: {err}") from None
+    else:
+        group = 0
+    row_spans: tuple[tuple[int, int], ...] = ((0, rows),)
+    start, length = 0, cols
+    if which == "U" and style == "column":
+        row_spans = tuple(column_spans(_parts(parts, rows, layer), tp_size, tp_rank, layer))
+    elif which == "V" and style == "row":
+        start, length = shard_span(cols, tp_size, tp_rank, layer=layer, what="input columns")
+    if fmt == "int4" and (start, length) != (0, cols):
+        first = start // group * group
+        end = min(cols, -(-(start + length) // group) * group)
+        return QuantSpan(fmt, group, row_spans, first, end - first, start - first, length)
+    return QuantSpan(fmt, group, row_spans, start, length, 0, length)
+
+
+def shard_codes(codes: torch.Tensor, span: QuantSpan, full_shape: tuple[int, int],
+                layer: str = "layer") -> torch.Tensor:
+    """The codes of the share :func:`quant_span` describes, cut from the full factor's codes (shape and dtype
+    checked against :func:`quant_shapes` of ``full_shape``): its rows, and its block of columns (int4: whole
+    bytes of a group-aligned block)."""
+    want = quant_shapes(span.format, *full_shape, span.group)[0]
+    if tuple(codes.shape) != want:
+        raise ShardingError(f"{layer}: {span.format} codes of shape {list(codes.shape)} do not store a {full_shape[0]} "
+                            f"x {full_shape[1]} factor (expected {list(want)})")
+    if codes.dtype != CODE_DTYPES[span.format]:
+        raise ShardingError(f"{layer}: {span.format} codes must be {CODE_DTYPES[span.format]}, got {codes.dtype}")
+    codes = _span_rows(codes, span)
+    if (span.col_start, span.col_count) == (0, full_shape[1]):
+        return codes
+    if span.format == "int4":
+        return codes.narrow(1, span.col_start // 2, span.col_count // 2)
+    return codes.narrow(1, span.col_start, span.col_count)
+
+
+def shard_scale(scale: torch.Tensor, span: QuantSpan, full_shape: tuple[int, int],
+                layer: str = "layer") -> torch.Tensor:
+    """The scales of the share :func:`quant_span` describes, cut from the full factor's scales: its rows, and
+    (int4) the groups of its block of columns; int8/fp8 scales are per row and stay whole along the columns."""
+    want = quant_shapes(span.format, *full_shape, span.group)[1]
+    if tuple(scale.shape) != want:
+        raise ShardingError(f"{layer}: {span.format} scales of shape {list(scale.shape)} do not fit a {full_shape[0]} "
+                            f"x {full_shape[1]} factor (expected {list(want)})")
+    scale = _span_rows(scale, span)
+    if span.format != "int4" or (span.col_start, span.col_count) == (0, full_shape[1]):
+        return scale
+    return scale.narrow(1, span.col_start // span.group, -(-span.col_count // span.group))
+
+
+def _span_rows(t: torch.Tensor, span: QuantSpan) -> torch.Tensor:
+    pieces = [t.narrow(0, start, length) for start, length in span.rows]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+
+
+def shard_quant(codes: torch.Tensor, scale: torch.Tensor, span: QuantSpan, full_shape: tuple[int, int],
+                layer: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scale)`` of the share :func:`quant_span` describes (:func:`shard_codes`, :func:`shard_scale`)."""
+    return shard_codes(codes, span, full_shape, layer), shard_scale(scale, span, full_shape, layer)
+
+
+def dequantize_shard(codes: torch.Tensor, scale: torch.Tensor, span: QuantSpan,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float factor one rank uses (its rows × its columns) in ``dtype``, from its share of codes and scales
+    (:func:`shard_quant`): :func:`rankcut.quant.dequantize` of the held block, cut to the kept columns."""
+    q = Quantized(codes, scale.to(torch.float32), span.format, (span.n_rows, span.col_count), span.group)
+    W = dequantize(q, dtype)
+    return W if (span.keep_start, span.keep_count) == (0, span.col_count) else W.narrow(1, span.keep_start,
+                                                                                        span.keep_count)

@@ -16,6 +16,17 @@ The names are the checkpoint's (``q_proj.U.weight`` arrives as ``qkv_proj.U.weig
 vLLM's own weight iteration, stacking and GPT-2 transposition reach the loaders here, which split the full
 tensors with :mod:`rankcut.integrations.sharding`. The forward pass is ``V`` once for all pieces, then each
 piece's ``U``, as :class:`rankcut.modules.grouped.LowRankGroup` does.
+
+A *quantised* piece (``quant_lowrank``: :class:`rankcut.modules.QuantLowRankLinear`) is a dequantising
+fallback. While loading, the layer also holds ``U.codes``, ``U.scale``, ``V.codes`` and ``V.scale`` (flat, each
+quantised piece's share of this rank side by side; names the checkpoint's, ``q_proj.V.codes`` arriving as
+``qkv_proj.V.codes`` with shard id ``q``), cut as the float factors are cut (:func:`~rankcut.integrations.
+sharding.quant_span`: rows of U for column-parallel layers, columns of V — whole int4 groups — for row-parallel
+ones). :meth:`RankcutLinearMethod.process_weights_after_loading` dequantises each share
+(:func:`rankcut.quant.dequantize`, in the model's dtype, as rankcut's own CPU fallback does) into the piece's
+slots of ``U.weight`` / ``V.weight`` and drops the codes and scales: from then on the layer is exactly a
+``lowrank`` one (same forward, same tensor-parallel split). This saves disk and download bytes, not device
+memory or bytes read per token; rankcut's dequantising Triton kernels are not used inside vLLM.
 """
 
 from __future__ import annotations
@@ -42,12 +53,27 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.transformers_utils.config import HFConfigParser, get_config_parser, register_config_parser
 from vllm.transformers_utils.config_parser_base import ConfigParserBase
 
-from rankcut.integrations.sharding import Part, ShardingError, column_spans, shard_dense, shard_span, shard_U, shard_V
+from rankcut.integrations.sharding import (
+    CODE_DTYPES,
+    Part,
+    QuantSpan,
+    ShardingError,
+    column_spans,
+    dequantize_shard,
+    quant_span,
+    shard_codes,
+    shard_dense,
+    shard_scale,
+    shard_span,
+    shard_U,
+    shard_V,
+)
 from rankcut.integrations.vllm_plugin import (
     QUANT_METHOD,
     RankcutVllmError,
     checkpoint_dir,
     checkpoint_keys,
+    factor_keys,
     hf_config,
     quantization_config,
 )
@@ -66,6 +92,24 @@ class Piece:
     count: int
     rank: int | None  # None: dense
     shape: tuple[int, int] | None = None
+    format: str | None = None  # quant_lowrank: int8 / fp8 / int4 codes, dequantised after loading
+    group: int = 0  # int4 scales: one per this many columns
+
+    def describe(self) -> str:
+        if self.rank is None:
+            return "dense"
+        return f"rank {self.rank}" + (f" ({self.format} factors, quant_lowrank)" if self.format else "")
+
+
+@dataclass
+class QuantSlot:
+    """Where one rank's share of a quantised factor lives while loading: the share (:class:`QuantSpan`), the
+    full factor's shape, and its offsets in the layer's flat ``codes`` (bytes) and ``scale`` (elements)."""
+
+    span: QuantSpan
+    shape: tuple[int, int]
+    code_offset: int
+    scale_offset: int
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -75,7 +119,8 @@ class RankcutConfig(QuantizationConfig):
     """vLLM quantization config ``rankcut``: which layers are factor pairs, of which rank.
 
     Args:
-        targets: ``{target: {"type": "lowrank", "rank": r, "shape": [out, in]}}`` (checkpoint names).
+        targets: ``{target: {"type": "lowrank", "rank": r, "shape": [out, in]}}`` (checkpoint names; a
+            ``quant_lowrank`` target adds ``"format"`` and ``"group"``).
         dense: targets the record left dense.
         architecture: the transformers class the checkpoint was saved from.
     """
@@ -92,7 +137,9 @@ class RankcutConfig(QuantizationConfig):
         self._mapper = None
 
     def __repr__(self) -> str:
-        return f"RankcutConfig({len(self.targets)} low-rank targets, {len(self.dense)} left dense)"
+        quant = sum(1 for e in self.targets.values() if e.get("type") == "quant_lowrank")
+        extra = f" ({quant} with quantised factors)" if quant else ""
+        return f"RankcutConfig({len(self.targets)} low-rank targets{extra}, {len(self.dense)} left dense)"
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -126,7 +173,7 @@ class RankcutConfig(QuantizationConfig):
         self.checkpoint = str(model_name)
         self.hf_keys = checkpoint_keys(model_name)
         if self.hf_keys is not None:  # the record and the weights must agree before any layer is built
-            factored = {k.removesuffix(".U.weight") for k in self.hf_keys if k.endswith(".U.weight")}
+            factored = {k.rsplit(".", 2)[0] for k in self.hf_keys if k.endswith((".U.weight", ".U.codes"))}
             lacking = sorted(factored - set(self.hf_targets))
             if lacking:
                 raise RankcutVllmError(f"rankcut checkpoint {model_name}: rankcut.json has no entry for "
@@ -134,10 +181,10 @@ class RankcutConfig(QuantizationConfig):
                                        "the weights hold: the record was edited or written by another tool; re-save "
                                        "the model with rankcut.save")
             for name, entry in self.hf_targets.items():
-                for key in (f"{name}.U.weight", f"{name}.V.weight"):
+                for key in factor_keys(name, entry):
                     if key not in self.hf_keys:
-                        raise RankcutVllmError(f"rankcut checkpoint {model_name}: rankcut.json records {name} as rank "
-                                               f"{entry['rank']}, but the weights hold no {key}")
+                        raise RankcutVllmError(f"rankcut checkpoint {model_name}: rankcut.json records {name} as "
+                                               f"{_entry_state(entry)}, but the weights hold no {key}")
         self._remap()
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
@@ -185,10 +232,12 @@ class RankcutConfig(QuantizationConfig):
         where = f"rankcut checkpoint {self.checkpoint or '?'}"
         has = (lambda key: True) if self.keys is None else (lambda key: key in self.keys)
         if entry is None:
-            if self.keys is not None and f"{name}.U.weight" in self.keys:
-                raise RankcutVllmError(f"{where}: rankcut.json has no entry for {name}, which vLLM's {type(layer).__name__} "
-                                       f"{prefix} needs, but the weights hold its factors {name}.U.weight/.V.weight: the "
-                                       "record was edited or written by another tool; re-save the model with rankcut.save")
+            for held in ("weight", "codes"):
+                if self.keys is not None and f"{name}.U.{held}" in self.keys:
+                    raise RankcutVllmError(f"{where}: rankcut.json has no entry for {name}, which vLLM's "
+                                           f"{type(layer).__name__} {prefix} needs, but the weights hold its factors "
+                                           f"{name}.U.{held}/.V.{held}: the record was edited or written by another "
+                                           "tool; re-save the model with rankcut.save")
             if not has(f"{name}.weight"):
                 raise RankcutVllmError(f"{where}: vLLM's {type(layer).__name__} {prefix} needs layer {name}, which "
                                        f"rankcut.json does not record as a decomposed target and the weights do not hold "
@@ -196,11 +245,17 @@ class RankcutConfig(QuantizationConfig):
             if layer.has_bias and not has(f"{name}.bias"):
                 raise RankcutVllmError(f"{where}: vLLM's {prefix} has a bias, but the weights hold no {name}.bias")
             return Piece(name, first, count, None)
-        for key in (f"{name}.U.weight", f"{name}.V.weight") + ((f"{name}.U.bias",) if layer.has_bias else ()):
+        for key in factor_keys(name, entry, layer.has_bias):
             if not has(key):
-                raise RankcutVllmError(f"{where}: rankcut.json records {name} as rank {entry['rank']}, but the weights "
+                raise RankcutVllmError(f"{where}: rankcut.json records {name} as {_entry_state(entry)}, but the weights "
                                        f"hold no {key}")
-        return Piece(name, first, count, entry["rank"], tuple(entry["shape"]))
+        fmt = entry.get("format") if entry.get("type") == "quant_lowrank" else None
+        return Piece(name, first, count, entry["rank"], tuple(entry["shape"]), fmt, entry.get("group") or 0)
+
+
+def _entry_state(entry: dict) -> str:
+    quant = entry.get("type") == "quant_lowrank"
+    return f"rank {entry['rank']}" + (f" ({entry.get('format')} factors, quant_lowrank)" if quant else "")
 
 
 def layout(layer: LinearBase, prefix: str) -> tuple[str, list[Part], list[Any]]:
@@ -251,7 +306,9 @@ class RankcutLinearMethod(LinearMethodBase):
                 in_local = input_size
             u_size = v_rows = w_rows = 0
             self.slots = []  # per piece: (rows_local, U offset, V offset, W offset)
-            for piece in self.pieces:
+            self.quant: dict[int, dict[str, QuantSlot]] = {}  # quantised pieces: their shares of codes and scales
+            code_bytes, scale_size = {"U": 0, "V": 0}, {"U": 0, "V": 0}
+            for index, piece in enumerate(self.pieces):
                 parts = self.parts[piece.first:piece.first + piece.count]
                 rows = sum(p.size for p in parts)
                 if piece.rank is not None and piece.shape != (rows, input_size):
@@ -265,6 +322,19 @@ class RankcutLinearMethod(LinearMethodBase):
                 else:
                     u_size += local * piece.rank
                     v_rows += piece.rank
+                if piece.format is not None:
+                    self.quant[index] = {}
+                    for child, shape, want in (("U", (rows, piece.rank), (local, piece.rank)),
+                                               ("V", (piece.rank, input_size), (piece.rank, in_local))):
+                        span = quant_span(child, piece.format, piece.group, shape, self.style, self.tp_size,
+                                          self.tp_rank, parts if child == "U" else None, f"{self.prefix} ({piece.name})")
+                        if (span.n_rows, span.keep_count) != want:  # the float factor's share, by construction
+                            raise RankcutVllmError(f"{self.prefix}: {piece.name}.{child}'s quantised share "
+                                                   f"({span.n_rows} x {span.keep_count}) is not its float share {want}")
+                        self.quant[index][child] = QuantSlot(span, shape, code_bytes[child], scale_size[child])
+                        n_codes, n_scale_bytes = span.nbytes()
+                        code_bytes[child] += n_codes
+                        scale_size[child] += n_scale_bytes // 4
         except ShardingError as err:
             raise RankcutVllmError(str(err)) from None
         if in_local != input_size_per_partition or sum(l[0] for l in self.slots) != sum(output_partition_sizes):
@@ -273,11 +343,19 @@ class RankcutLinearMethod(LinearMethodBase):
                                    f"{input_size_per_partition})")
         architecture = self.config.architecture or ""
         self.transposed = architecture.startswith("GPT2") and any(n in self.prefix for n in _CONV1D_NAMES)
+        formats = {self.pieces[i].format for i in self.quant}
+        code_dtype = CODE_DTYPES[formats.pop()] if len(formats) == 1 else torch.uint8  # mixed formats: raw bytes
         for child, size in (("U", (u_size,)), ("V", (v_rows, in_local))):
             module = Module()
             param = Parameter(torch.empty(*size, dtype=params_dtype), requires_grad=False)
             module.register_parameter("weight", param)
             set_weight_attrs(param, {**extra_weight_attrs, "weight_loader": self._loader(child)})
+            if self.quant:  # the checkpoint's <target>.{U,V}.{codes,scale}, until process_weights_after_loading
+                for field, n, dtype in (("codes", code_bytes[child], code_dtype),
+                                        ("scale", scale_size[child], torch.float32)):
+                    param = Parameter(torch.empty(n, dtype=dtype), requires_grad=False)
+                    module.register_parameter(field, param)
+                    set_weight_attrs(param, {**extra_weight_attrs, "weight_loader": self._quant_loader(child, field)})
             layer.add_module(child, module)
         if w_rows:
             param = Parameter(torch.empty(w_rows, in_local, dtype=params_dtype), requires_grad=False)
@@ -287,6 +365,12 @@ class RankcutLinearMethod(LinearMethodBase):
     def _loader(self, which: str):
         def load(param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
             self._load(which, param, loaded, shard_id)
+
+        return load
+
+    def _quant_loader(self, child: str, field: str):
+        def load(param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+            self._load_quant(child, field, param, loaded, shard_id)
 
         return load
 
@@ -313,10 +397,9 @@ class RankcutLinearMethod(LinearMethodBase):
         parts = self.parts[piece.first:piece.first + piece.count]
         rows = sum(p.size for p in parts)
         name = f"{piece.name}.{ {'U': 'U.weight', 'V': 'V.weight', 'W': 'weight'}[which] }"
-        if (which == "W") != (piece.rank is None):
-            state = "dense" if piece.rank is None else f"rank {piece.rank}"
+        if (which == "W") != (piece.rank is None) or piece.format is not None:
             raise RankcutVllmError(f"{self.prefix}: the checkpoint holds {name}, but rankcut.json records {piece.name} "
-                                   f"as {state}")
+                                   f"as {piece.describe()}")
         expected = {"U": (rows, piece.rank), "V": (piece.rank, self.in_features), "W": (rows, self.in_features)}[which]
         loaded = self._orient(loaded, expected, name)
         try:
@@ -334,6 +417,52 @@ class RankcutLinearMethod(LinearMethodBase):
         dst.copy_(part)
         self.loaded.add((which, index))
 
+    def _load_quant(self, child: str, field: str, param: Parameter, loaded: torch.Tensor, shard_id) -> None:
+        """This rank's share of a quantised piece's codes or scales, copied into the flat ``codes`` / ``scale``."""
+        index = self._piece_for(shard_id, f"{child}.{field}")
+        piece = self.pieces[index]
+        name = f"{piece.name}.{child}.{field}"
+        if piece.format is None:
+            raise RankcutVllmError(f"{self.prefix}: the checkpoint holds {name} (quantised factors), but rankcut.json "
+                                   f"records {piece.name} as {piece.describe()}")
+        slot = self.quant[index][child]
+        try:
+            if field == "codes":
+                part = shard_codes(loaded, slot.span, slot.shape, f"{self.prefix} ({name})")
+                src = part.contiguous().view(torch.uint8).reshape(-1)
+                param.data.view(torch.uint8).narrow(0, slot.code_offset, src.numel()).copy_(src)
+            else:
+                part = shard_scale(loaded, slot.span, slot.shape, f"{self.prefix} ({name})")
+                param.data.narrow(0, slot.scale_offset, part.numel()).copy_(part.reshape(-1))
+        except ShardingError as err:
+            raise RankcutVllmError(str(err)) from None
+        self.loaded.add((f"{child}.{field}", index))
+
+    def _dequantize(self, layer: Module) -> None:
+        """Each quantised piece's share of codes and scales, dequantised in the model's dtype into its slots of
+        ``U.weight`` / ``V.weight``; then the codes and scales are dropped (the layer is a ``lowrank`` one)."""
+        if not self.quant or not hasattr(layer.U, "codes"):
+            return
+        dtype = layer.U.weight.dtype
+        with torch.no_grad():
+            for index, slots in self.quant.items():
+                piece = self.pieces[index]
+                local, u_off, v_off, _ = self.slots[index]
+                for child, slot in slots.items():
+                    holder = getattr(layer, child)
+                    codes_shape, scale_shape = slot.span.shapes()
+                    codes = (holder.codes.data.view(torch.uint8).narrow(0, slot.code_offset, _numel(codes_shape))
+                             .view(CODE_DTYPES[piece.format]).view(codes_shape))
+                    scale = holder.scale.data.narrow(0, slot.scale_offset, _numel(scale_shape)).view(scale_shape)
+                    W = dequantize_shard(codes, scale, slot.span, dtype)
+                    if child == "U":
+                        layer.U.weight.data.narrow(0, u_off, local * piece.rank).view(local, piece.rank).copy_(W)
+                    else:
+                        layer.V.weight.data.narrow(0, v_off, piece.rank).copy_(W)
+        for child in ("U", "V"):
+            holder = getattr(layer, child)
+            del holder.codes, holder.scale
+
     def _orient(self, loaded: torch.Tensor, expected: tuple[int, int], name: str) -> torch.Tensor:
         shape = tuple(loaded.shape)
         if shape == expected:  # a square factor cannot tell: it was transposed when vLLM's loader transposes its layer
@@ -345,12 +474,19 @@ class RankcutLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: Module) -> None:
         missing = []
         for index, piece in enumerate(self.pieces):
-            for which, suffix in (("U", "U.weight"), ("V", "V.weight")) if piece.rank is not None else (("W", "weight"),):
+            if piece.format is not None:
+                needed = [(f"{c}.{f}", f"{c}.{f}") for c in ("V", "U") for f in ("codes", "scale")]
+            elif piece.rank is not None:
+                needed = [("U", "U.weight"), ("V", "V.weight")]
+            else:
+                needed = [("W", "weight")]
+            for which, suffix in needed:
                 if (which, index) not in self.loaded:
                     missing.append(f"{piece.name}.{suffix}")
         if missing:
             raise RankcutVllmError(f"rankcut checkpoint {self.config.checkpoint or '?'}: vLLM's {self.prefix} was not "
                                    f"given {', '.join(missing)} by the checkpoint")
+        self._dequantize(layer)
 
     # ------------------------------------------------------------------------------------- forward
 
@@ -369,6 +505,27 @@ class RankcutLinearMethod(LinearMethodBase):
                 outs.append(F.linear(t.narrow(-1, v_off, piece.rank), u))
         y = torch.cat(outs, dim=-1)
         return y if bias is None else y + bias
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel()
+
+
+def served_layers(model: Module) -> dict[str, dict]:
+    """What each layer served by the rankcut method holds, for inspection inside a vLLM worker
+    (``vllm.LLM(...).apply_model(served_layers)``): ``{layer: {"params": names of its parameters, "U": U.weight,
+    "V": V.weight[, "W": weight]}}``, tensors copied to the CPU. After loading, a quantised checkpoint's layers
+    hold no codes or scales, only the dequantised factors."""
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(getattr(module, "quant_method", None), RankcutLinearMethod):
+            continue
+        entry: dict[str, Any] = {"params": sorted(n for n, _ in module.named_parameters())}
+        for key, tensor in (("U", module.U.weight), ("V", module.V.weight), ("W", getattr(module, "weight", None))):
+            if tensor is not None:
+                entry[key] = tensor.detach().cpu().clone()
+        out[name] = entry
+    return out
 
 
 # ------------------------------------------------------------------------------------- config parser

@@ -17,6 +17,10 @@ open a rankcut checkpoint directory with no further flag:
   parts may have different ranks or be dense), sharded for tensor parallelism by
   :mod:`rankcut.integrations.sharding`; layers the record leaves dense, and layers that are not targets (the
   LM head, embeddings), are vLLM's ordinary layers.
+- **quantised factors** (``quant_lowrank``: int8 / fp8 / int4 codes with float32 scales) are loaded as codes
+  and scales, each rank's share, and dequantised once after loading into the same float factors (in the model's
+  dtype) as a ``lowrank`` target: a dequantising fallback that saves disk and download bytes, not GPU memory or
+  bytes read per token (rankcut's dequantising Triton kernels are not used inside vLLM).
 
 The helpers here read checkpoints with the standard library and ``safetensors`` only; the vLLM classes live in
 :mod:`rankcut.integrations.vllm_layers`, imported by :func:`register`.
@@ -28,14 +32,17 @@ import json
 import os
 from pathlib import Path
 
+from rankcut.quant import FORMATS as FACTOR_FORMATS  # the formats of quant_lowrank targets (pure torch)
+
 QUANT_METHOD = "rankcut"
 RECORD = "rankcut.json"
 CONFIG = "config.json"
-#: Module types vLLM can serve: the factor pair of :class:`rankcut.modules.LowRankLinear`.
-SUPPORTED_TYPES = ("lowrank",)
+#: Module types vLLM can serve: the factor pair of :class:`rankcut.modules.LowRankLinear`, and of
+#: :class:`rankcut.modules.QuantLowRankLinear` (quantised factors, dequantised once after loading).
+SUPPORTED_TYPES = ("lowrank", "quant_lowrank")
 
-__all__ = ["QUANT_METHOD", "RankcutVllmError", "checkpoint_dir", "checkpoint_keys", "hf_config",
-           "quantization_config", "register"]
+__all__ = ["FACTOR_FORMATS", "QUANT_METHOD", "RankcutVllmError", "SUPPORTED_TYPES", "checkpoint_dir",
+           "checkpoint_keys", "factor_keys", "hf_config", "quantization_config", "register"]
 
 
 class RankcutVllmError(ValueError):
@@ -62,6 +69,15 @@ def checkpoint_dir(model: str | os.PathLike) -> Path | None:
     return path if isinstance(data, dict) and data.get("model_type") == "rankcut" else None
 
 
+def factor_keys(name: str, entry: dict, bias: bool = False) -> tuple[str, ...]:
+    """The checkpoint tensors a recorded target needs: ``U.weight`` and ``V.weight`` (and ``U.bias``) for
+    ``lowrank``; ``V.codes``, ``V.scale``, ``U.codes``, ``U.scale`` (and ``bias``) for ``quant_lowrank``."""
+    if entry.get("type") == "quant_lowrank":
+        keys = tuple(f"{name}.{f}.{k}" for f in ("V", "U") for k in ("codes", "scale"))
+        return keys + ((f"{name}.bias",) if bias else ())
+    return (f"{name}.U.weight", f"{name}.V.weight") + ((f"{name}.U.bias",) if bias else ())
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -76,11 +92,13 @@ def _read_json(path: Path, what: str) -> dict:
 
 def quantization_config(record: dict, source: str = RECORD) -> dict:
     """The ``quantization_config`` vLLM reads, from a checkpoint record (``rankcut.json``): the method name and,
-    per decomposed target, its module type, rank and shape.
+    per decomposed target, its module type, rank and shape (and, for ``quant_lowrank``, the factor format and
+    int4 group).
 
     Raises:
-        RankcutVllmError: no targets, a target of a module type vLLM cannot serve (named), or a runtime
-            activation-decomposition plan (which vLLM would not apply).
+        RankcutVllmError: no targets, a target of a module type vLLM cannot serve (named: ``tucker``,
+            ``shared_basis``, ...), a quantised target of an unknown format, or a runtime activation-decomposition
+            plan (which vLLM would not apply).
     """
     runtime = record.get("runtime") or {}
     if isinstance(runtime, dict) and runtime.get("activation_decomposition") is not None:
@@ -95,13 +113,21 @@ def quantization_config(record: dict, source: str = RECORD) -> dict:
         kind = entry.get("type") if isinstance(entry, dict) else None
         if kind not in SUPPORTED_TYPES:
             raise RankcutVllmError(f"{source}: target {name} is of module type {kind!r}; the vLLM plugin serves "
-                                   f"{', '.join(SUPPORTED_TYPES)} (factor pairs) only")
+                                   f"{', '.join(SUPPORTED_TYPES)} (factor pairs, float or quantised) only")
         rank, shape = entry.get("rank"), entry.get("shape")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise RankcutVllmError(f"{source}: target {name} needs an integer rank >= 1, got {rank!r}")
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
             raise RankcutVllmError(f"{source}: target {name} needs a shape [out, in], got {shape!r}")
         out[name] = {"type": kind, "rank": rank, "shape": list(shape)}
+        if kind == "quant_lowrank":
+            fmt, group = entry.get("format"), entry.get("group") or 0
+            if fmt not in FACTOR_FORMATS:
+                raise RankcutVllmError(f"{source}: quantised target {name} has factor format {fmt!r}; the vLLM plugin "
+                                       f"dequantises {', '.join(FACTOR_FORMATS)}")
+            if fmt == "int4" and (isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2):
+                raise RankcutVllmError(f"{source}: int4 target {name} needs an even group size >= 2, got {group!r}")
+            out[name].update(format=fmt, group=group if fmt == "int4" else 0)
     dense = record.get("dense") or {}
     return {"quant_method": QUANT_METHOD, "format_version": record.get("format_version"),
             "architecture": record.get("architecture"), "targets": out,
