@@ -100,7 +100,17 @@ def get_plan(m: int, k: int, ranks: list[int], ns: list[int], device: torch.devi
 def run_kernel(x: torch.Tensor, V: torch.Tensor, U_flat: torch.Tensor, bias: torch.Tensor | None, ranks: list[int],
                ns: list[int], owner, attr: str = "_rankcut_scratch") -> torch.Tensor:
     """``(x Vᵀ) Uᵀ + b`` for stacked segments through the Triton kernel; scratch lives on ``owner``."""
-    from rankcut.kernels.lowrank import Scratch, launch
+    from rankcut.kernels.lowrank import launch
+
+    x2d, y, scratch = _call_buffers(x, int(V.shape[0]), ranks, ns, owner, attr)
+    launch(x2d, V, U_flat, bias, y, scratch, get_plan(x2d.shape[0], x2d.shape[1], ranks, ns, x.device))
+    return y.reshape(*x.shape[:-1], sum(ns))
+
+
+def _call_buffers(x: torch.Tensor, R: int, ranks: list[int], ns: list[int], owner, attr: str):
+    """``(x2d, y, scratch)`` of one kernel call: the input as a unit-stride, 16-byte-aligned (M, K) matrix, an
+    empty (M, ΣN) output, and the call site's scratch (kept on ``owner``, rebuilt when the segments change)."""
+    from rankcut.kernels.lowrank import Scratch
 
     k = x.shape[-1]
     rows = x.numel() // k
@@ -109,11 +119,9 @@ def run_kernel(x: torch.Tensor, V: torch.Tensor, U_flat: torch.Tensor, bias: tor
         x2d = x2d.contiguous()
     scratch = owner.__dict__.get(attr)
     if scratch is None or scratch.device != x.device or scratch.ranks != list(ranks) or scratch.ns != list(ns):
-        scratch = Scratch(x.device, int(V.shape[0]), ranks, ns)
+        scratch = Scratch(x.device, R, ranks, ns)
         owner.__dict__[attr] = scratch
-    y = torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device)
-    launch(x2d, V, U_flat, bias, y, scratch, get_plan(rows, k, ranks, ns, x.device))
-    return y.reshape(*x.shape[:-1], sum(ns))
+    return x2d, torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device), scratch
 
 
 def lowrank_forward(layer, x: torch.Tensor, force: bool = False) -> torch.Tensor | None:
@@ -193,23 +201,13 @@ def run_quant_kernel(x: torch.Tensor, Vc: torch.Tensor, sv: torch.Tensor, Uc: to
                      bias: torch.Tensor | None, ranks: list[int], ns: list[int], group: int, owner,
                      scale_offsets: tuple[int, int, int] = (0, 0, 0), attr: str = "_rankcut_scratch") -> torch.Tensor:
     """``(x Vᵀ) Uᵀ + b`` for stacked quantised segments (at most four) through the Triton kernels."""
-    from rankcut.kernels.lowrank import Scratch
     from rankcut.kernels.lowrank_quant import launch_quant
 
-    k = x.shape[-1]
-    rows = x.numel() // k
-    x2d = x.reshape(rows, k)
-    if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
-        x2d = x2d.contiguous()
-    scratch = owner.__dict__.get(attr)
-    if scratch is None or scratch.device != x.device or scratch.ranks != list(ranks) or scratch.ns != list(ns):
-        scratch = Scratch(x.device, int(Vc.shape[0]), ranks, ns)
-        owner.__dict__[attr] = scratch
-    y = torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device)
+    x2d, y, scratch = _call_buffers(x, int(Vc.shape[0]), ranks, ns, owner, attr)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    launch_quant(x2d, Vc, sv, Uc, su, bias, y, scratch, quant_plan(rows, k, ranks, ns, group, x.device), group,
-                 scale_offsets)
+    plan = quant_plan(x2d.shape[0], x2d.shape[1], ranks, ns, group, x.device)
+    launch_quant(x2d, Vc, sv, Uc, su, bias, y, scratch, plan, group, scale_offsets)
     return y.reshape(*x.shape[:-1], sum(ns))
 
 

@@ -224,6 +224,16 @@ class Scratch:
         return self.tables[block_n]
 
 
+def launch_args(scratch: Scratch, plan: LowRankPlan) -> tuple[tuple[int, ...], int, int]:
+    """What both kernel families take from the segments and the plan: the four-segment addressing of phase 2
+    (first tile of segments 2-4, then each segment's rows and rank, padded to four), phase 1's row blocks and
+    its K chunk."""
+    ns, rs = list(scratch.ns) + [0] * (4 - len(scratch.ns)), list(scratch.ranks) + [1] * (4 - len(scratch.ranks))
+    ends = [sum(-(-n // plan.block_n) for n in ns[: i + 1]) for i in range(3)]
+    seg = (*[e if i + 1 < len(scratch.ns) else 1 << 30 for i, e in enumerate(ends)], *ns, *rs)
+    return seg, plan.tiles1 // plan.split_k, plan.block_k * plan.k_iters
+
+
 def launch(x2d: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
            scratch: Scratch, plan: LowRankPlan, phases: tuple[int, ...] = (1, 2)) -> None:
     """Run the kernels: ``x2d`` (M, K) with unit column stride, ``V`` (R, K) contiguous, ``U`` the flat
@@ -236,11 +246,7 @@ def launch(x2d: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tens
     M, K = x2d.shape
     R = V.shape[0]
     b = bias if bias is not None else y
-    ns, rs = list(scratch.ns) + [0] * (4 - len(scratch.ns)), list(scratch.ranks) + [1] * (4 - len(scratch.ranks))
-    ends = [sum(-(-n // plan.block_n) for n in ns[: i + 1]) for i in range(3)]
-    seg = (*[e if i + 1 < len(scratch.ns) else 1 << 30 for i, e in enumerate(ends)], *ns, *rs)
-    nb = plan.tiles1 // plan.split_k
-    kch = plan.block_k * plan.k_iters
+    seg, nb, kch = launch_args(scratch, plan)
     opts = dict(num_warps=plan.num_warps, num_stages=plan.num_stages, PDL=plan.pdl, launch_pdl=plan.pdl)
     if plan.use_dot:
         if 1 in phases:

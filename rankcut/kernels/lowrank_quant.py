@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rankcut.kernels.lowrank import ZERO_BLOCK, Scratch, _finish, _half, _tile, _zero_other
+from rankcut.kernels.lowrank import ZERO_BLOCK, Scratch, _finish, _half, _tile, _zero_other, launch_args
 from rankcut.kernels.plan import LowRankPlan
 
 #: Convert int8 codes by the 2²³ mantissa trick (:func:`_codes`) rather than the int-to-float instruction.
@@ -283,11 +283,8 @@ def launch_quant(x2d: torch.Tensor, Vc: torch.Tensor, sv: torch.Tensor, Uc: torc
     if not int4:  # one-byte codes are loaded as bytes and converted in the kernel
         Vc, Uc = Vc.view(torch.uint8), Uc.view(torch.uint8)
     b = bias if bias is not None else y
-    ns, rs = list(scratch.ns) + [0] * (4 - len(scratch.ns)), list(scratch.ranks) + [1] * (4 - len(scratch.ranks))
-    ends = [sum(-(-n // plan.block_n) for n in ns[: i + 1]) for i in range(3)]
-    seg = (*[e if i + 1 < len(scratch.ns) else 1 << 30 for i, e in enumerate(ends)], *ns, *rs, *scale_offsets)
-    nb = plan.tiles1 // plan.split_k
-    kch = plan.block_k * plan.k_iters
+    seg, nb, kch = launch_args(scratch, plan)
+    seg = (*seg, *scale_offsets)
     ngv = K // group if int4 else 0
     opts = dict(num_warps=plan.num_warps, num_stages=plan.num_stages, PDL=plan.pdl, launch_pdl=plan.pdl, INT4=int4,
                 G=max(group, 2), FP8=fp8, MAGIC=magic and not fp8)
