@@ -13,6 +13,7 @@ import transformers
 
 import rankcut
 from rankcut.bench.models import random_lowrank_
+from rankcut.bench.generate import format_summary
 from rankcut.bench.sampling import Sampler, uniforms
 from rankcut.cli import main
 from conftest import shared_path
@@ -178,6 +179,7 @@ def test_streaming_one_prompt_gives_its_text(tiny):
     out = rankcut.generate(model, tok, "the quick brown", max_new_tokens=8, engine="fast",
                            stream=lambda row, text: pieces.append((row, text)))
     assert len(pieces) > 1 and {r for r, _ in pieces} == {0} and "".join(t for _, t in pieces) == out.texts[0]
+    assert out.prefill_seconds > 0 and out.decode_tokens_per_s > 0 and "then decoding" in format_summary(out)
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -291,3 +293,23 @@ def test_cuda_graph_fast_path_is_greedy_generation(name, dtype):
     sampled = [rankcut.generate(model, tok, PROMPTS, max_new_tokens=new, temperature=0.8, top_p=0.95, seed=7).token_ids
                for _ in range(2)]
     assert sampled[0] == sampled[1]
+
+
+@pytest.mark.gpu
+def test_cuda_loop_streams_and_stops_while_the_next_step_runs():
+    """On CUDA the host reads tokens one step behind the device: streamed text, stop strings and the
+    decode-only speed come out as they do when it waits for every step."""
+    path = shared_path(*REAL["codellama-16m"])
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    full = rankcut.generate(model, tok, PROMPTS[0], max_new_tokens=32)
+    assert full.decode_tokens_per_s > 0 and full.prefill_seconds > 0
+    pieces = []
+    streamed = rankcut.generate(model, tok, PROMPTS[0], max_new_tokens=32, stream=lambda r, t: pieces.append(t))
+    assert streamed.token_ids == full.token_ids and "".join(pieces) == full.texts[0]
+    text = full.texts[0]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = rankcut.generate(model, tok, PROMPTS[0], max_new_tokens=32, stop=stop)
+    assert cut.finish_reasons == ["stop"] and cut.texts[0] == text[:text.index(stop)]
+    assert full.token_ids[0][:len(cut.token_ids[0])] == cut.token_ids[0]

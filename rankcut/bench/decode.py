@@ -7,6 +7,11 @@ can be captured in a CUDA graph and replayed. The step calls the model's own mod
 projections, LM head), so dense and compressed models run the identical code; only the projection
 layers differ (``nn.Linear`` / ``Conv1D`` or :class:`~rankcut.modules.LowRankLinear`).
 
+A one-token step on CUDA runs its attention as one launch (:mod:`rankcut.kernels.attention`): the rotary
+embedding of q and k, the write of the new key and value into the cache, and a split-KV attention over the
+filled slots only; ``attention="sdpa"`` (and every prompt, and the CPU) keeps the rotary kernel, the cache
+write and ``F.scaled_dot_product_attention`` over the whole static cache with a mask.
+
 Projections that read the same input are fused at construction (``fuse=True``; q/k/v and gate/up, dense
 or low-rank alike; :mod:`rankcut.kernels.grouped`). Supported: the Llama family (``llama``, ``mistral``,
 ``qwen2``: RMSNorm, rotary, GQA, SiLU-gated MLP) and GPT-2.
@@ -33,7 +38,8 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 class _Decoder:
     """Shared state: the model, a static KV cache for ``batch`` × ``max_len``, index buffers."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, kv_heads: int, head_dim: int, layers: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, kv_heads: int, head_dim: int, layers: int,
+                 heads: int, attention: str = "auto") -> None:
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype, self.batch, self.max_len = p.device, p.dtype, batch, max_len
@@ -42,10 +48,20 @@ class _Decoder:
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(layers)]
         self.arange = torch.arange(max_len, device=p.device)
         self.groups: list[nn.Module] = []
+        # one-token steps on CUDA: rotary + cache write + split-KV attention in one launch (None: the eager ops)
+        self.decode_attn = ops.decode_attention(batch, heads, kv_heads, head_dim, max_len, p.device, p.dtype, attention)
 
     def kv_bytes(self) -> int:
-        """Bytes of the KV cache; a decode step reads all of it (masked attention over the static length)."""
+        """Bytes of the KV cache (its static length)."""
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    def kv_read_bytes(self, prompt_len: int, new_tokens: int) -> float:
+        """KV-cache bytes a decode step reads, averaged over the ``new_tokens`` steps after a ``prompt_len``
+        prefill: the filled slots (``pos + 1``) with the split-KV kernel, the whole static cache with SDPA."""
+        if self.decode_attn is None:
+            return float(self.kv_bytes())
+        filled = prompt_len + (new_tokens - 1) / 2 + 1
+        return self.kv_bytes() * min(1.0, filled / self.max_len)
 
     def _mask(self, positions: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Additive attention mask: 0 where key slot ≤ query slot, else the dtype's minimum; (1, 1, T, max_len).
@@ -79,7 +95,7 @@ class _Decoder:
         for name in ("qkv", "gate_up"):
             if hasattr(self, name):
                 setattr(self, name, [])
-        self.k_cache, self.v_cache = [], []
+        self.k_cache, self.v_cache, self.decode_attn = [], [], None
         while groups:
             groups.pop().unshare()
 
@@ -100,14 +116,14 @@ class _Decoder:
 class LlamaDecoder(_Decoder):
     """Decode step for ``LlamaForCausalLM``-like models (Llama, Mistral, Qwen2)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto") -> None:
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.inner = model.model
         self.layers = list(self.inner.layers)
-        super().__init__(model, batch, max_len, self.kv_heads, self.head_dim, len(self.layers))
+        super().__init__(model, batch, max_len, self.kv_heads, self.head_dim, len(self.layers), self.heads, attention)
         build = make_group if fuse else SeparateGroup
         self.qkv = [build([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [build([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
@@ -121,13 +137,17 @@ class LlamaDecoder(_Decoder):
         positions = pos + self.arange[:T]
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, self._row_positions(positions, pad, B))
-        mask = self._mask(positions, pad)
+        mask = None if T == 1 and self.decode_attn is not None else self._mask(positions, pad)
         res = None
         for i, layer in enumerate(self.layers):
             x, res = ops.add_rmsnorm(h, res, layer.input_layernorm)
-            q = ops.rope_cache(self.qkv[i](x), cos, sin, self.k_cache[i], self.v_cache[i], pos, positions,
-                               self.heads, self.kv_heads, self.head_dim)
-            o = layer.self_attn.o_proj(self._attend(q, i, mask, self.heads, self.kv_heads))
+            if T == 1 and self.decode_attn is not None:
+                a = self.decode_attn(self.qkv[i](x), cos, sin, self.k_cache[i], self.v_cache[i], pos, pad)
+            else:
+                q = ops.rope_cache(self.qkv[i](x), cos, sin, self.k_cache[i], self.v_cache[i], pos, positions,
+                                   self.heads, self.kv_heads, self.head_dim)
+                a = self._attend(q, i, mask, self.heads, self.kv_heads)
+            o = layer.self_attn.o_proj(a)
             x, res = ops.add_rmsnorm(o, res, layer.post_attention_layernorm)
             act = ops.silu_mul(self.gate_up[i](x), layer.mlp.act_fn, self.silu)
             h = layer.mlp.down_proj(act)
@@ -138,13 +158,13 @@ class LlamaDecoder(_Decoder):
 class GPT2Decoder(_Decoder):
     """Decode step for ``GPT2LMHeadModel`` (``c_attn`` is already one fused projection)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto") -> None:
         cfg = model.config
         self.heads, self.embed = cfg.n_head, cfg.n_embd
         self.head_dim = self.embed // self.heads
         self.tr = model.transformer
         self.blocks = list(self.tr.h)
-        super().__init__(model, batch, max_len, self.heads, self.head_dim, len(self.blocks))
+        super().__init__(model, batch, max_len, self.heads, self.head_dim, len(self.blocks), self.heads, attention)
         self.tanh_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,14 +174,19 @@ class GPT2Decoder(_Decoder):
         positions = pos + self.arange[:T]
         wpe = self.tr.wpe(positions)[None] if pad is None else self.tr.wpe(self._row_positions(positions, pad, B))
         h = self.tr.wte(ids) + wpe
-        mask = self._mask(positions, pad)
+        mask = None if T == 1 and self.decode_attn is not None else self._mask(positions, pad)
         E, H, D = self.embed, self.heads, self.head_dim
         for i, blk in enumerate(self.blocks):
-            q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(E, dim=-1)
-            q = q.view(B, T, H, D).transpose(1, 2)
-            self.k_cache[i].index_copy_(2, positions, k.view(B, T, H, D).transpose(1, 2))
-            self.v_cache[i].index_copy_(2, positions, v.view(B, T, H, D).transpose(1, 2))
-            h = h + blk.attn.c_proj(self._attend(q, i, mask, H, H))
+            qkv = blk.attn.c_attn(blk.ln_1(h))
+            if T == 1 and self.decode_attn is not None:
+                a = self.decode_attn(qkv, None, None, self.k_cache[i], self.v_cache[i], pos, pad)
+            else:
+                q, k, v = qkv.split(E, dim=-1)
+                q = q.view(B, T, H, D).transpose(1, 2)
+                self.k_cache[i].index_copy_(2, positions, k.view(B, T, H, D).transpose(1, 2))
+                self.v_cache[i].index_copy_(2, positions, v.view(B, T, H, D).transpose(1, 2))
+                a = self._attend(q, i, mask, H, H)
+            h = h + blk.attn.c_proj(a)
             m = blk.mlp.c_fc(blk.ln_2(h))
             m = ops.gelu_tanh(m) if self.tanh_gelu else blk.mlp.act(m)
             h = h + blk.mlp.c_proj(m)
@@ -180,12 +205,14 @@ def check_supported(model: nn.Module) -> None:
                          f"not model_type {kind!r}")
 
 
-def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True) -> _Decoder:
-    """The decode step for ``model``.
+def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto") -> _Decoder:
+    """The decode step for ``model``; ``attention`` is ``"auto"`` (one-token steps on CUDA use the split-KV
+    kernel, :mod:`rankcut.kernels.attention`) or ``"sdpa"`` (rotary kernel, cache write, then
+    ``F.scaled_dot_product_attention`` over the whole static cache).
 
     Raises:
         ValueError: an architecture the decode step does not support (:func:`check_supported`).
     """
     check_supported(model)
     cls = GPT2Decoder if model.config.model_type == "gpt2" else LlamaDecoder
-    return cls(model, batch, max_len, fuse)
+    return cls(model, batch, max_len, fuse, attention)

@@ -50,6 +50,9 @@ class GenerationResult:
         new_tokens: generated tokens, all prompts together (the lengths of ``token_ids``).
         seconds: wall time of the generation (prefill and decoding; no tokenization, no CUDA-graph capture).
         tokens_per_s: ``new_tokens / seconds``.
+        prefill_seconds: fast loop: time to the first token of every row (the prompt's forward pass).
+        decode_tokens_per_s: fast loop: the tokens after each row's first, per second of decoding (device time
+            from the first token to the last, host waits included): the figure ``rankcut bench`` measures.
         engine: ``"fast"`` (rankcut's loop) or ``"hf"`` (Hugging Face ``generate``).
         cuda_graph: whether the decode step was replayed from a CUDA graph.
         settings: ``max_new_tokens``, ``temperature``, ``top_p``, ``seed`` (the one drawn, when none was
@@ -65,6 +68,8 @@ class GenerationResult:
     engine: str
     cuda_graph: bool = False
     settings: dict = field(default_factory=dict)
+    prefill_seconds: float | None = None
+    decode_tokens_per_s: float | None = None
 
 
 def check_settings(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -223,7 +228,8 @@ class _Rows:
 
 @torch.no_grad()
 def _run_fast(model, rows: list[list[int]], pad_id: int, max_new_tokens: int, temperature: float, top_p: float,
-              seed: int, tracker: _Rows, use_graph: bool | None) -> tuple[float, bool]:
+              seed: int, tracker: _Rows, use_graph: bool | None) -> tuple[float, bool, float, float]:
+    """Returns wall seconds, whether a CUDA graph ran, prefill seconds and decode seconds."""
     from rankcut.bench.decode import make_decoder
     from rankcut.bench.loop import GenerationLoop
     from rankcut.bench.sampling import Sampler
@@ -246,7 +252,7 @@ def _run_fast(model, rows: list[list[int]], pad_id: int, max_new_tokens: int, te
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         loop.run(tracker.update, 1 if tracker.stream is not None else CHECK_EVERY)
-        return time.perf_counter() - start, loop.graph is not None
+        return time.perf_counter() - start, loop.graph is not None, loop.prefill_s, loop.decode_s
     finally:
         decoder.release()  # the layers get their own storage back (save_pretrained refuses shared tensors)
 
@@ -332,20 +338,24 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     eos = _eos_ids(model, tokenizer, eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     tracker = _Rows(tokenizer, len(rows), eos, stop, stream)
-    graph = False
+    graph, prefill_s, decode_s = False, None, None
     if chosen == "fast":
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        seconds, graph = _run_fast(model, rows, pad_id, max_new_tokens, temperature, top_p, seed, tracker, use_graph)
+        seconds, graph, prefill_s, decode_s = _run_fast(model, rows, pad_id, max_new_tokens, temperature, top_p, seed,
+                                                        tracker, use_graph)
     else:
         seconds = _run_hf(model, rows, pad_id, eos, max_new_tokens, temperature, top_p, seed, tracker)
     tracker.close()
     new = sum(len(ids) for ids in tracker.ids)
+    after_first = new - sum(1 for ids in tracker.ids if ids)
+    decode_rate = after_first / decode_s if decode_s and after_first else None
     return GenerationResult(
         texts=[tracker.text(b) for b in range(len(rows))], token_ids=tracker.ids, finish_reasons=tracker.reasons,
         new_tokens=new, seconds=seconds, tokens_per_s=new / seconds if seconds > 0 else float("inf"), engine=chosen,
         cuda_graph=graph, settings={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                                    "seed": seed, "stop": stop, "batch": len(rows)})
+                                    "seed": seed, "stop": stop, "batch": len(rows)},
+        prefill_seconds=prefill_s, decode_tokens_per_s=decode_rate)
 
 
 def format_summary(result: GenerationResult) -> str:
@@ -356,5 +366,8 @@ def format_summary(result: GenerationResult) -> str:
         how = "Hugging Face generate"
     reasons = ", ".join(f"{r} {result.finish_reasons.count(r)}" for r in ("eos", "stop", "length")
                         if r in result.finish_reasons)
+    split = ""
+    if result.decode_tokens_per_s is not None:
+        split = f"; prefill {result.prefill_seconds * 1e3:.1f} ms, then decoding {result.decode_tokens_per_s:.1f} tokens/s"
     return (f"{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s "
-            f"({how}; batch {len(result.texts)}; finished: {reasons})")
+            f"({how}; batch {len(result.texts)}; finished: {reasons}{split})")

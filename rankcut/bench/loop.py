@@ -135,20 +135,57 @@ class GenerationLoop:
 
         ``on_tokens`` receives the tokens made since its last call, one list per row, at least every
         ``check_every`` tokens and after the last one; it returns True to stop. Returns the tokens made per row.
+
+        On CUDA the host never lets the device wait for it: before it looks at tokens it queues the next step,
+        and it reads the tokens through an asynchronous copy to pinned memory, so the device computes step
+        ``k + 1`` while the host decodes and checks step ``k``'s text (a row that finished gets one more token,
+        ignored). ``self.decode_s`` is then the device time from the first token to the last one reported
+        (host waits included), ``self.prefill_s`` the time to the first token.
         """
+        cuda = self.dec.device.type == "cuda"
+        if cuda:
+            host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+        else:
+            start = time.perf_counter()
         self.prefill()
-        made, seen = 1, 0
+        if cuda:
+            t1.record()
+        else:
+            after_prefill = time.perf_counter()
+        made, seen = 1, 0  # tokens computed (or queued), tokens reported
         while True:
             if made == self.max_new_tokens or made - seen >= check_every:
-                finished = on_tokens(self.tokens[:, seen:made].tolist())
-                seen = made
-                if finished or made == self.max_new_tokens:
-                    return made
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step()
+                upto = made
+                if cuda:
+                    host[:, seen:upto].copy_(self.tokens[:, seen:upto], non_blocking=True)
+                    ready = torch.cuda.Event(enable_timing=True)
+                    ready.record()
+                    if made < self.max_new_tokens:  # keep the device busy while the host looks
+                        self._advance()
+                        made += 1
+                    ready.synchronize()
+                    chunk = host[:, seen:upto].tolist()
+                else:
+                    chunk = self.tokens[:, seen:upto].tolist()
+                finished = on_tokens(chunk)
+                seen = upto
+                if finished or seen == self.max_new_tokens:
+                    if cuda:
+                        self.prefill_s, self.decode_s = t0.elapsed_time(t1) / 1e3, t1.elapsed_time(ready) / 1e3
+                    else:
+                        self.prefill_s, self.decode_s = after_prefill - start, time.perf_counter() - after_prefill
+                    return seen
+                continue
+            self._advance()
             made += 1
+
+    def _advance(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
 
 
 def _sync(device: torch.device) -> None:

@@ -114,14 +114,14 @@ def matmul_params(model) -> int:
 @torch.no_grad()
 def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3,
                 fuse: bool = True, use_graph: bool | None = None, seed: int = 0, progress: bool = False,
-                profile: cost.DeviceProfile = cost.H200_BF16) -> dict:
+                profile: cost.DeviceProfile = cost.H200_BF16, attention: str = "auto") -> dict:
     """Decode speed of ``model`` (see :func:`rankcut.bench.loop.time_decode`) plus bytes and prediction."""
-    decoder = make_decoder(model, batch, prompt_len + new_tokens, fuse=fuse)
+    decoder = make_decoder(model, batch, prompt_len + new_tokens, fuse=fuse, attention=attention)
     device = decoder.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
     result = time_decode(decoder, prompt, new_tokens, repeats, use_graph, progress)
-    wb, kvb = weight_bytes(model), decoder.kv_bytes()
+    wb, kvb, kv_read = weight_bytes(model), decoder.kv_bytes(), decoder.kv_read_bytes(prompt_len, new_tokens)
     steps = result["tokens_per_s"] / batch
     rows = target_rows(model)
     kernels, names = None, {}
@@ -138,13 +138,14 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
     head = model.get_output_embeddings().weight.shape
     quantised = [m for m in rankcut_modules(model).values() if isinstance(m, QuantLowRankLinear)]
     fmt, group = (quantised[0].format, quantised[0].group or 128) if quantised else (None, 128)
-    pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kvb, batch, profile, fmt, group)
+    pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kv_read, batch, profile, fmt, group)
     matmul = matmul_params(model)
     result.update({
         "params": sum(p.numel() for p in model.parameters()),
         "matmul_params": matmul, "flop_bound_tokens_per_s": profile.flops / (2 * matmul),
-        "weight_bytes": wb, "kv_cache_bytes": kvb,
-        "weight_gbps": wb * steps / 1e9, "traffic_gbps": (wb + kvb) * steps / 1e9,
+        "weight_bytes": wb, "kv_cache_bytes": kvb, "kv_read_bytes_per_step": kv_read,
+        "attention": "split-kv" if decoder.decode_attn is not None else "sdpa",
+        "weight_gbps": wb * steps / 1e9, "traffic_gbps": (wb + kv_read) * steps / 1e9,
         "kernels_per_step": kernels, "kernel_names": names, "target_launches_per_step": launches,
         "glue_kernels_per_step": glue,
         "predicted_ms_per_token": pred["total_s"] * 1e3, "predicted": pred, "predicted_for": profile.name,
@@ -165,7 +166,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
           prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3, dtype: torch.dtype = torch.bfloat16,
           device: str = "cuda", fuse: bool = True, use_graph: bool | None = None, layers: int | None = None,
           bandwidth: float | None = None, progress: bool = False, factor_dtype: str | None = None,
-          factor_group: int = 128) -> dict:
+          factor_group: int = 128, attention: str = "auto") -> dict:
     """Benchmark ``spec`` (and the dense ``compare`` model first, if given) with the identical decode loop.
 
     Args:
@@ -175,6 +176,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
         factor_dtype: with ``random_lowrank``, store those factors quantised (``int8``, ``fp8``, ``int4`` with
             groups of ``factor_group``), :func:`rankcut.quantize.quantize_factors_` without compensation.
         batch: sequences decoded at once; a list runs every batch size on the same loaded models.
+        attention: ``auto`` (the split-KV decode kernel on CUDA) or ``sdpa`` (:func:`rankcut.bench.make_decoder`).
         bandwidth: memory bandwidth (bytes/s) for the "fraction of the bandwidth limit" figures; default:
             measured here (device-to-device copy) on CUDA.
 
@@ -193,13 +195,17 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
     check_spec(spec)
     if compare is not None:
         check_spec(compare)
+    from rankcut.kernels.ops import ATTENTION_MODES
+
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("rankcut bench needs a CUDA GPU (or --device cpu for a functional run)")
     settings = {"spec": spec, "compare": compare, "random_lowrank": random_lowrank,
                 "batch": batch if not isinstance(batch, (list, tuple)) else batches, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).replace("torch.", ""),
                 "device": device, "fuse": fuse, "layers": layers, "factor_dtype": factor_dtype,
-                "factor_group": factor_group}
+                "factor_group": factor_group, "attention": attention}
     if device.startswith("cuda") and bandwidth is None:
         from rankcut.bench.timing import copy_bandwidth
 
@@ -217,12 +223,13 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
 
                 quantize_factors_(model, factor_dtype, factor_group, compensate=False, progress=False)
         for out, b in zip(per_batch, batches):
-            res = bench_model(model, b, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress)
+            res = bench_model(model, b, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress,
+                              attention=attention)
             res["spec"] = s + (f" (random low-rank, keep {keep}" + (f", {factor_dtype}" if factor_dtype else "") + ")"
                                if keep is not None else "")
             res["batch"] = b
             if bandwidth:
-                res["bandwidth_limit_tokens_per_s"] = b * bandwidth / (res["weight_bytes"] + res["kv_cache_bytes"])
+                res["bandwidth_limit_tokens_per_s"] = b * bandwidth / (res["weight_bytes"] + res["kv_read_bytes_per_step"])
                 res["fraction_of_bandwidth_limit"] = res["tokens_per_s"] / res["bandwidth_limit_tokens_per_s"]
             out[role] = res
             _release()
@@ -239,7 +246,8 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
 def _comparison(base: dict, mod: dict) -> dict:
     speedup = mod["tokens_per_s"] / base["tokens_per_s"]
     bound = base["weight_bytes"] / mod["weight_bytes"]
-    bound_kv = (base["weight_bytes"] + base["kv_cache_bytes"]) / (mod["weight_bytes"] + mod["kv_cache_bytes"])
+    bound_kv = ((base["weight_bytes"] + base["kv_read_bytes_per_step"])
+                / (mod["weight_bytes"] + mod["kv_read_bytes_per_step"]))
     flop_bound = base["matmul_params"] / mod["matmul_params"]
     return {"speedup": speedup, "bound": bound, "fraction_of_bound": speedup / bound,
             "bound_with_kv_cache": bound_kv, "fraction_of_bound_with_kv_cache": speedup / bound_kv,
@@ -264,7 +272,7 @@ def format_batch_table(result: dict) -> str:
             lines.append(f"{r['batch']:>5} {r['spec'][:44]:<44} {r['tokens_per_s']:>9.1f} {byte} "
                          f"{r['flop_bound_tokens_per_s']:>10.0f}{extra}")
     lines.append(f"prompt {s['prompt_len']}, new tokens {s['new_tokens']}, {s['dtype']}, median of {s['repeats']} "
-                 f"repeats; byte bound = batch x measured copy bandwidth / (weights + KV cache bytes per step); FLOP "
+                 f"repeats; byte bound = batch x measured copy bandwidth / (weights + KV-cache bytes read per step); FLOP "
                  f"bound = {cost.H200_BF16.flops / 1e12:.0f} TFLOP/s (the cost model's rate) / (2 x matmul weights) "
                  "per token")
     return "\n".join(lines)

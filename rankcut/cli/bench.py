@@ -31,6 +31,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     flags.add_dtype(b, "weights and activations", default="bfloat16", choices=["float16", "bfloat16"])
     flags.add_device(b, "cuda, cuda:N, or cpu (a functional run: no CUDA graph, no speed prediction)", default="cuda")
     b.add_argument("--no-fuse", action="store_true", help="do not fuse q/k/v and gate/up projections")
+    b.add_argument("--attention", choices=["auto", "sdpa"], default="auto", help=flags.helptext(
+        "decode attention: auto = rotary, cache write and split-KV attention in one kernel on CUDA; sdpa = rotary "
+        "kernel + F.scaled_dot_product_attention over the whole static cache", "auto"))
     b.add_argument("--no-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph")
     b.add_argument("--json", metavar="FILE", help="write all figures as JSON here")
     flags.add_quiet(b)
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                    dtype=parse_dtype(args.dtype), device=args.device, fuse=not args.no_fuse,
                    use_graph=False if args.no_graph else None, layers=args.layers, progress=not args.quiet,
-                   factor_dtype=args.factor_dtype, factor_group=args.factor_group)
+                   factor_dtype=args.factor_dtype, factor_group=args.factor_group, attention=args.attention)
     result.update(report.invocation(args.argv, args.device))
     print(format_batch_table(result) if "batches" in result else format_table(result))
     report.write_json(args.json, result)

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = {"prompts": prompts, "texts": result.texts, "token_ids": result.token_ids,
                 "finish_reasons": result.finish_reasons, "new_tokens": result.new_tokens, "seconds": result.seconds,
-                "tokens_per_s": result.tokens_per_s, "engine": result.engine, "cuda_graph": result.cuda_graph,
+                "tokens_per_s": result.tokens_per_s, "prefill_seconds": result.prefill_seconds,
+                "decode_tokens_per_s": result.decode_tokens_per_s, "engine": result.engine, "cuda_graph": result.cuda_graph,
                 "settings": result.settings, **report.invocation(args.argv, device)}
         report.write_json(args.json, data)
     return 0

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 
 from rankcut.kernels.dispatch import enabled, triton_available
 
+#: Decode attention: ``auto`` (the split-KV kernel where it applies), ``sdpa`` (rotary kernel + SDPA).
+ATTENTION_MODES = ("auto", "sdpa")
 #: RMSNorm classes whose forward is ``weight * (x / rms(x)).to(dtype)`` with fp32 statistics.
 STANDARD_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 
@@ -50,6 +52,22 @@ def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache:
     k_cache.index_copy_(2, positions, k)
     v_cache.index_copy_(2, positions, v)
     return q
+
+
+def decode_attention(batch: int, heads: int, kv_heads: int, head_dim: int, max_len: int, device: torch.device,
+                     dtype: torch.dtype, mode: str = "auto"):
+    """The one-launch split-KV decode attention (:class:`rankcut.kernels.attention.DecodeAttention`) for a
+    decoder of these shapes, or None where the decoder keeps rotary + cache write + SDPA (``mode="sdpa"``; a
+    CPU device, another dtype, kernels off, no Triton, a head_dim that is not a power of two ≥ 16)."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+    fast = (torch.device(device).type == "cuda" and enabled() and triton_available()
+            and dtype in (torch.float16, torch.bfloat16))
+    if mode == "sdpa" or not fast or head_dim < 16 or head_dim & (head_dim - 1) or heads % kv_heads:
+        return None
+    from rankcut.kernels.attention import DecodeAttention
+
+    return DecodeAttention(batch, heads, kv_heads, head_dim, max_len, device)
 
 
 def silu_mul(gu: torch.Tensor, act: nn.Module, silu: bool) -> torch.Tensor:
