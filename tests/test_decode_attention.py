@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.loop import DecodeLoop
 from rankcut.bench.models import random_lowrank_
 from rankcut.kernels import ops
-from tiny_models import gpt2, llama
+from tiny_models import llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,7 @@ CASES = [
     (2, 8, 2, 64, 100, 64, 16, [3, 40], True),
     (1, 16, 2, 64, 300, 257, 128, None, True),
     (3, 6, 6, 32, 64, 47, None, None, False),
+    (1, 8, 1, 32, 130, 129, 16, None, True),  # MQA, 9 splits (a non-power-of-two count)
 ]
 
 
@@ -121,8 +123,9 @@ def test_kernel_replays_in_a_cuda_graph_at_moving_positions():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("build", [
-    lambda: llama(head_dim=16),
-    gpt2,
+    lambda: llama(head_dim=32),
+    lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2,
+                                                                 n_head=2, n_inner=128)).eval(),
 ], ids=["llama-gqa", "gpt2"])
 @pytest.mark.parametrize("lowrank", [False, True])
 def test_decode_step_with_split_kv_equals_sdpa_step_on_gpu(build, lowrank):
@@ -158,7 +161,7 @@ def test_decode_step_with_split_kv_equals_sdpa_step_on_gpu(build, lowrank):
 
 
 def test_not_used_on_the_cpu_and_bad_mode():
-    model = llama(head_dim=16)
+    model = llama(head_dim=32)
     dec = make_decoder(model, batch=1, max_len=20)
     assert dec.decode_attn is None  # the CPU keeps the eager rotary + SDPA (equal to Hugging Face's forward)
     assert dec.kv_read_bytes(8, 4) == dec.kv_bytes()
@@ -169,7 +172,7 @@ def test_not_used_on_the_cpu_and_bad_mode():
 
 def test_filled_slot_accounting():
     """With the kernel a step reads the filled slots only: prompt + (new - 1) / 2 + 1 of them on average."""
-    model = llama(head_dim=16)
+    model = llama(head_dim=32)
     dec = make_decoder(model, batch=1, max_len=20)
     dec.decode_attn = object()  # as on CUDA
     assert dec.kv_read_bytes(8, 12) == pytest.approx(dec.kv_bytes() * (8 + 5.5 + 1) / 20)
@@ -180,9 +183,11 @@ def test_chunk_plan_and_bad_shapes():
     pytest.importorskip("triton")
     from rankcut.kernels.attention import DecodeAttention, plan_chunk
 
-    assert plan_chunk(1, 32, 384) == 64 and plan_chunk(1, 8, 384) == 16 and plan_chunk(1, 32, 65536) == 512
-    with pytest.raises(ValueError, match="power-of-two head_dim"):
+    assert plan_chunk(1, 32, 384) == 32 and plan_chunk(1, 8, 384) == 16 and plan_chunk(1, 32, 65536) == 256
+    with pytest.raises(ValueError, match="power-of-two head_dim >= 32"):
         DecodeAttention(1, 4, 2, 24, 16, "cpu")
+    with pytest.raises(ValueError, match="power-of-two head_dim >= 32"):
+        DecodeAttention(1, 4, 2, 16, 16, "cpu")
     with pytest.raises(ValueError, match="do not group"):
         DecodeAttention(1, 6, 4, 32, 16, "cpu")
     with pytest.raises(ValueError, match="chunk must be a power of two"):

@@ -27,15 +27,19 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from rankcut.kernels.dispatch import pdl_enabled
 from rankcut.kernels.plan import next_pow2
 
-#: Programs a launch aims for at full cache length (about two per SM of an H100/H200).
-TARGET_PROGRAMS = 264
+#: Programs a launch aims for at full cache length (about four per SM of an H100/H200: each program's chain of
+#: dependent memory round trips, not bandwidth, sets a short chunk's time, so more programs run more at once).
+TARGET_PROGRAMS = 528
+#: Largest chunk (cache slots per program) and tile (slots per step of a program's loop).
+MAX_CHUNK, MAX_BLOCK_N = 256, 64
 
 
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, pad_ptr, out_ptr,
                              part_ptr, stat_ptr, count_ptr,
                              H, HKV, TMAX, stride_row, stride_cs, scale,
-                             SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                             SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                             D: tl.constexpr, HALF: tl.constexpr,
                              CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, HAS_PAD: tl.constexpr,
                              PDL: tl.constexpr):
     if PDL:
@@ -84,62 +88,56 @@ def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr,
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
         qk_scale = scale * 1.4426950408889634  # softmax in base 2
-        for i in range(0, CHUNK // BLOCK_N):  # a static trip count; tiles past pos are skipped
-            n0 = start + i * BLOCK_N
-            if n0 <= pos:
-                n = n0 + tl.arange(0, BLOCK_N)
-                valid = (n >= lo) & (n <= pos)
-                old = valid & (n < pos)  # slots already in the cache; the new one comes from registers
-                kt = kc_ptr + cache + n[:, None] * D
-                is_new = (n == pos)[:, None]
-                kb1 = tl.where(is_new, k1[None, :], tl.load(kt + d[None, :], mask=old[:, None], other=0.0))
-                kb2 = tl.where(is_new, k2[None, :], tl.load(kt + HALF + d[None, :], mask=old[:, None], other=0.0))
-                vb = tl.where(is_new, v_new[None, :], tl.load(vc_ptr + cache + n[:, None] * D + dv[None, :],
-                                                             mask=old[:, None], other=0.0))
-                sc = tl.dot(q1, tl.trans(kb1)) + tl.dot(q2, tl.trans(kb2))
-                sc = tl.where(valid[None, :], sc * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(sc - m_safe[:, None])
-                alpha = tl.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(dt), vb)
-                m_i = m_new
-        # partials of this chunk: acc (GP, D), then (m, l) per query row
-        part = part_ptr + (bh * SPLITS + split) * GP * D
-        tl.store(part + g[:, None] * D + dv[None, :], acc)
-        stat = stat_ptr + (bh * SPLITS + split) * 2 * GP
-        tl.store(stat + g, m_i)
-        tl.store(stat + GP + g, l_i)
+        for i in range(0, CHUNK // BLOCK_N):  # tiles past pos are fully masked (no memory traffic)
+            n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = (n >= lo) & (n <= pos)
+            old = valid & (n < pos)  # slots already in the cache; the new one comes from registers
+            kt = kc_ptr + cache + n[:, None] * D
+            is_new = (n == pos)[:, None]
+            kb1 = tl.where(is_new, k1[None, :], tl.load(kt + d[None, :], mask=old[:, None], other=0.0))
+            kb2 = tl.where(is_new, k2[None, :], tl.load(kt + HALF + d[None, :], mask=old[:, None], other=0.0))
+            vb = tl.where(is_new, v_new[None, :], tl.load(vc_ptr + cache + n[:, None] * D + dv[None, :],
+                                                         mask=old[:, None], other=0.0))
+            sc = tl.dot(q1, tl.trans(kb1)) + tl.dot(q2, tl.trans(kb2))
+            sc = tl.where(valid[None, :], sc * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(sc - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dt), vb)
+            m_i = m_new
+        # partials of this chunk, real query rows only: acc at [bh, g, split, :], (m, l) at [bh, 0|1, g, split]
+        tl.store(part_ptr + ((bh * G + g[:, None]) * SPLITS + split) * D + dv[None, :], acc, mask=gm[:, None])
+        stat = stat_ptr + bh * 2 * G * SPLITS + g * SPLITS + split
+        tl.store(stat, m_i, mask=gm)
+        tl.store(stat + G * SPLITS, l_i, mask=gm)
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
         if arrived == n_active - 1:  # the last chunk of this (row, KV head) to finish combines them all
             tl.debug_barrier()
-            m_all = tl.full([GP], float("-inf"), tl.float32)
-            for sp in range(0, SPLITS):
-                st = stat_ptr + (bh * SPLITS + sp) * 2 * GP
-                m_all = tl.maximum(m_all, tl.load(st + g, mask=(sp < n_active) & gm, other=float("-inf"),
-                                                  cache_modifier=".cg"))
-            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-            l_all = tl.zeros([GP], tl.float32)
-            o = tl.zeros([GP, D], tl.float32)
-            for sp in range(0, SPLITS):
-                if sp < n_active:
-                    st = stat_ptr + (bh * SPLITS + sp) * 2 * GP
-                    w = tl.exp2(tl.load(st + g, cache_modifier=".cg") - m_all)
-                    l_all += w * tl.load(st + GP + g, cache_modifier=".cg")
-                    pp = part_ptr + (bh * SPLITS + sp) * GP * D
-                    o += w[:, None] * tl.load(pp + g[:, None] * D + dv[None, :], cache_modifier=".cg")
-            o = o / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
-            dst = out_ptr + b * H * D + (kvh * G + g)[:, None] * D + dv[None, :]
-            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+            sp = tl.arange(0, SPLITS_P2)
+            live = sp < n_active
+            for j in tl.static_range(G):  # one query row at a time, all its splits in one load
+                st = stat_ptr + bh * 2 * G * SPLITS + j * SPLITS + sp
+                m_s = tl.load(st, mask=live, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(st + G * SPLITS, mask=live, other=0.0, cache_modifier=".cg")
+                acc_s = tl.load(part_ptr + ((bh * G + j) * SPLITS + sp[:, None]) * D + dv[None, :], mask=live[:, None],
+                                other=0.0, cache_modifier=".cg")
+                m_all = tl.max(m_s, axis=0)
+                m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                w = tl.where(live, tl.exp2(m_s - m_all), 0.0)
+                l_all = tl.sum(w * l_s, axis=0)
+                o = tl.sum(w[:, None] * acc_s, axis=0) / tl.where(l_all == 0.0, 1.0, l_all)
+                tl.store(out_ptr + b * H * D + (kvh * G + j) * D + dv, o.to(out_ptr.dtype.element_ty))
             tl.atomic_xchg(count_ptr + bh, 0)
 
 
 def plan_chunk(batch: int, kv_heads: int, max_len: int) -> int:
-    """Cache slots per program: enough programs at full length (:data:`TARGET_PROGRAMS`), 16 to 512 slots."""
+    """Cache slots per program: enough programs at full length (:data:`TARGET_PROGRAMS`), 16 to
+    :data:`MAX_CHUNK` slots."""
     want = batch * kv_heads * max_len / TARGET_PROGRAMS
-    return int(min(512, max(16, next_pow2(max(1, math.ceil(want))))))
+    return int(min(MAX_CHUNK, max(16, next_pow2(max(1, math.ceil(want))))))
 
 
 class DecodeAttention:
@@ -147,7 +145,7 @@ class DecodeAttention:
     (their launches are ordered on the stream), and its launch.
 
     Args:
-        batch, heads, kv_heads, head_dim, max_len: the decoder's shapes (``head_dim`` a power of two ≥ 16).
+        batch, heads, kv_heads, head_dim, max_len: the decoder's shapes (``head_dim`` a power of two ≥ 32).
         device: a CUDA device (or the CPU under ``TRITON_INTERPRET=1``, for tests).
         chunk: cache slots per program (a power of two ≥ 16; default :func:`plan_chunk`).
     """
@@ -156,19 +154,19 @@ class DecodeAttention:
                  chunk: int | None = None) -> None:
         if heads % kv_heads:
             raise ValueError(f"{heads} query heads do not group onto {kv_heads} KV heads")
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            raise ValueError(f"decode attention needs a power-of-two head_dim >= 16, got {head_dim}")
+        if head_dim < 32 or head_dim & (head_dim - 1):
+            raise ValueError(f"decode attention needs a power-of-two head_dim >= 32, got {head_dim}")
         self.batch, self.heads, self.kv_heads, self.head_dim, self.max_len = batch, heads, kv_heads, head_dim, max_len
         self.group = heads // kv_heads
         self.gp = max(16, next_pow2(self.group))
         self.chunk = plan_chunk(batch, kv_heads, max_len) if chunk is None else int(chunk)
         if self.chunk < 16 or self.chunk & (self.chunk - 1):
             raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
-        self.block_n = min(self.chunk, 64)
+        self.block_n = min(self.chunk, MAX_BLOCK_N)
         self.splits = triton.cdiv(max_len, self.chunk)
-        rows = batch * kv_heads * self.splits
-        self.part = torch.empty(rows * self.gp * head_dim, dtype=torch.float32, device=device)
-        self.stat = torch.empty(rows * 2 * self.gp, dtype=torch.float32, device=device)
+        rows = batch * heads * self.splits
+        self.part = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
+        self.stat = torch.empty(rows * 2, dtype=torch.float32, device=device)
         self.count = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
 
     def __call__(self, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
@@ -204,6 +202,7 @@ class DecodeAttention:
             qkv, cos if rope else qkv, sin if rope else qkv, k_cache, v_cache, pos, pad if pad is not None else pos,
             out, self.part, self.stat, self.count,
             H, HKV, self.max_len, qkv.stride(0), cos.stride(0) if rope else 0, D ** -0.5,
-            SPLITS=self.splits, G=self.group, GP=self.gp, D=D, HALF=D // 2, CHUNK=self.chunk, BLOCK_N=self.block_n, ROPE=rope,
+            SPLITS=self.splits, SPLITS_P2=next_pow2(self.splits), G=self.group, GP=self.gp, D=D, HALF=D // 2,
+            CHUNK=self.chunk, BLOCK_N=self.block_n, ROPE=rope,
             HAS_PAD=pad is not None, PDL=on, num_warps=4, **extra)
         return out

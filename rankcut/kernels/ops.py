@@ -58,12 +58,12 @@ def decode_attention(batch: int, heads: int, kv_heads: int, head_dim: int, max_l
                      dtype: torch.dtype, mode: str = "auto"):
     """The one-launch split-KV decode attention (:class:`rankcut.kernels.attention.DecodeAttention`) for a
     decoder of these shapes, or None where the decoder keeps rotary + cache write + SDPA (``mode="sdpa"``; a
-    CPU device, another dtype, kernels off, no Triton, a head_dim that is not a power of two ≥ 16)."""
+    CPU device, another dtype, kernels off, no Triton, a head_dim that is not a power of two ≥ 32)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
     fast = (torch.device(device).type == "cuda" and enabled() and triton_available()
             and dtype in (torch.float16, torch.bfloat16))
-    if mode == "sdpa" or not fast or head_dim < 16 or head_dim & (head_dim - 1) or heads % kv_heads:
+    if mode == "sdpa" or not fast or head_dim < 32 or head_dim & (head_dim - 1) or heads % kv_heads:
         return None
     from rankcut.kernels.attention import DecodeAttention
 
