@@ -88,12 +88,11 @@ def run_point(name, batch, max_len, pos_v, layers, flex_ok, dtype=torch.bfloat16
     impls = {"sdpa": sdpa, "split": splitkv}
     if flex_ok:
         try:
-            import torch._dynamo
-
+            from torch import _dynamo
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-            torch._dynamo.config.recompile_limit = 256  # a new score_mod closure per point
-            torch._dynamo.config.cache_size_limit = 256
+            _dynamo.config.recompile_limit = 256  # a new score_mod closure per point
+            _dynamo.config.cache_size_limit = 256
 
             flex = torch.compile(flex_attention, dynamic=False)
 
