@@ -8,8 +8,10 @@ streaming bandwidth (or its FLOPs over the matrix rate, whichever is larger):
   at ``dense_bw``;
 - a low-rank projection or a fused group of them (rankcut's two launches): phase 1 streams ``V``
   (``p1_floor + R·K·2 / p1_bw``), phase 2 streams ``U`` (``p2_floor + Σ Nᵢrᵢ·2 / p2_bw``);
-- every other kernel of the step (norms, rotary + KV-cache write, attention, activation, embedding,
-  sampling): ``glue`` each, plus the KV cache over ``dense_bw``.
+- rankcut's split-KV decode attention (one kernel per layer, :mod:`rankcut.kernels.attention`):
+  ``attn_floor + attn_per_group · G + KV bytes read / attn_bw`` per layer, G the query heads per KV head;
+- every other kernel of the step (norms, rotary + KV-cache write, SDPA attention, activation, embedding,
+  sampling): ``glue`` each, plus (without the split-KV kernel) the KV cache over ``dense_bw``.
 
 :data:`H200_BF16` holds constants fitted to this project's H200 measurements (BENCHMARKS.md, "Cost model":
 least-squares lines through the layer benchmark's M = 1 points, the launch floor and the small kernels timed
@@ -38,12 +40,17 @@ class DeviceProfile:
     glue: float
     flops: float = 7.9e14
     bytes_per_elem: int = 2
+    attn_floor: float = 3.95e-6
+    attn_per_group: float = 1.84e-6
+    attn_bw: float = 2.97e12
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-#: Fitted on the H200 runs recorded in BENCHMARKS.md (bf16, batch 1, CUDA-graph replay).
+#: Fitted on the H200 runs recorded in BENCHMARKS.md (bf16, batch 1, CUDA-graph replay); the attention terms
+#: are a least-squares fit to the 8 points of ``benchmarks/attention_bench.py`` (Llama-2 and Llama-3 shapes,
+#: 384 and 4096 slots; errors within ±17 %).
 H200_BF16 = DeviceProfile(
     "NVIDIA H200, bf16",
     dense_points=((0.0, 2.3e-6), (8.39e6, 7.66e-6), (33.55e6, 13.41e-6), (90.18e6, 26.79e-6), (117.4e6, 31.49e-6)),
@@ -135,14 +142,21 @@ def targets_time(rows: list[tuple[str, int, int, int | None]], batch: int = 1,
 
 def decode_time(rows: list[tuple[str, int, int, int | None]], head: tuple[int, int] | None, glue_kernels: int,
                 kv_bytes: int = 0, batch: int = 1, profile: DeviceProfile = H200_BF16, fmt: str | None = None,
-                group: int = 128) -> dict:
+                group: int = 128, attention: tuple[int, int] | None = None) -> dict:
     """Predicted seconds of one decode step: the targets (low-rank factors stored as ``fmt``), the LM head (a
-    dense (vocab × hidden) GEMV), and ``glue_kernels`` small kernels (one ``glue`` each) plus the KV cache read
-    at ``dense_bw``."""
+    dense (vocab × hidden) GEMV), ``glue_kernels`` small kernels (one ``glue`` each) and the KV cache
+    (``kv_bytes`` read per step): with ``attention = (layers, G)``, through the split-KV kernel's term (one
+    kernel per layer, not among ``glue_kernels``), else at ``dense_bw``."""
     t_targets = targets_time(rows, batch, profile, fmt, group)
     t_head = dense_time(*head, batch, profile) if head else 0.0
-    t_glue = glue_kernels * profile.glue + kv_bytes / profile.dense_bw
-    return {"targets_s": t_targets, "head_s": t_head, "glue_s": t_glue, "total_s": t_targets + t_head + t_glue}
+    if attention is not None:
+        layers, g = attention
+        t_attn = layers * (profile.attn_floor + profile.attn_per_group * g) + kv_bytes / profile.attn_bw
+    else:
+        t_attn = kv_bytes / profile.dense_bw
+    t_glue = glue_kernels * profile.glue
+    return {"targets_s": t_targets, "head_s": t_head, "glue_s": t_glue, "attention_s": t_attn,
+            "total_s": t_targets + t_head + t_glue + t_attn}
 
 
 def speedup_warning(rows: list[tuple[str, int, int, int | None]], profile: DeviceProfile = H200_BF16) -> str | None:

@@ -111,6 +111,11 @@ def test_cost_model():
     assert sorted(len(u) for u in cost.launch_units(rows)) == [1, 3]
     step = cost.decode_time(rows, (300, 32), glue_kernels=10, kv_bytes=0, profile=p)
     assert step["total_s"] == pytest.approx(step["targets_s"] + step["head_s"] + 10 * 2e-6)
+    sdpa = cost.decode_time(rows, None, glue_kernels=10, kv_bytes=8e6, profile=p)
+    assert sdpa["attention_s"] == pytest.approx(8e6 / 4e12)  # the KV cache at the dense bandwidth
+    split = cost.decode_time(rows, None, glue_kernels=10, kv_bytes=8e6, profile=p, attention=(2, 4))
+    assert split["attention_s"] == pytest.approx(2 * (p.attn_floor + 4 * p.attn_per_group) + 8e6 / p.attn_bw)
+    assert split["total_s"] == pytest.approx(split["targets_s"] + 10 * 2e-6 + split["attention_s"])
     big = [(f"l.{i}.mlp.down_proj", 4096, 11008, 1492) for i in range(32)]
     assert cost.speedup_warning(big) is None  # keep 0.5 of 7B-sized matrices: faster
     near = [(f"l.{i}.mlp.down_proj", 4096, 11008, 2980) for i in range(32)]

@@ -138,7 +138,13 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
     head = model.get_output_embeddings().weight.shape
     quantised = [m for m in rankcut_modules(model).values() if isinstance(m, QuantLowRankLinear)]
     fmt, group = (quantised[0].format, quantised[0].group or 128) if quantised else (None, 128)
-    pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kv_read, batch, profile, fmt, group)
+    attn = None
+    if decoder.decode_attn is not None:  # one split-KV kernel per layer, predicted by its own term
+        da = decoder.decode_attn
+        layers = len(decoder.k_cache)
+        attn = (layers, da.group)
+        glue = max(0, glue - layers)
+    pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kv_read, batch, profile, fmt, group, attn)
     matmul = matmul_params(model)
     result.update({
         "params": sum(p.numel() for p in model.parameters()),
