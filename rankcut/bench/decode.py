@@ -116,8 +116,10 @@ class _Decoder:
 class LlamaDecoder(_Decoder):
     """Decode step for ``LlamaForCausalLM``-like models (Llama, Mistral, Qwen2)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto") -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto",
+                 fold: bool = False) -> None:
         cfg = model.config
+        self.fold = fold
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -139,18 +141,18 @@ class LlamaDecoder(_Decoder):
         cos, sin = self.inner.rotary_emb(h, self._row_positions(positions, pad, B))
         mask = None if T == 1 and self.decode_attn is not None else self._mask(positions, pad)
         res = None
+        fold = self.fold and B * T == 1
         for i, layer in enumerate(self.layers):
-            x, res = ops.add_rmsnorm(h, res, layer.input_layernorm)
+            qkv, res = ops.norm_project(self.qkv[i], h, res, layer.input_layernorm, fold)
             if T == 1 and self.decode_attn is not None:
-                a = self.decode_attn(self.qkv[i](x), cos, sin, self.k_cache[i], self.v_cache[i], pos, pad)
+                a = self.decode_attn(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, pad)
             else:
-                q = ops.rope_cache(self.qkv[i](x), cos, sin, self.k_cache[i], self.v_cache[i], pos, positions,
+                q = ops.rope_cache(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, positions,
                                    self.heads, self.kv_heads, self.head_dim)
                 a = self._attend(q, i, mask, self.heads, self.kv_heads)
             o = layer.self_attn.o_proj(a)
-            x, res = ops.add_rmsnorm(o, res, layer.post_attention_layernorm)
-            act = ops.silu_mul(self.gate_up[i](x), layer.mlp.act_fn, self.silu)
-            h = layer.mlp.down_proj(act)
+            gu, res = ops.norm_project(self.gate_up[i], o, res, layer.post_attention_layernorm, fold)
+            h = ops.gated_project(layer.mlp.down_proj, gu, layer.mlp.act_fn, self.silu, fold)
         x, _ = ops.add_rmsnorm(h, res, self.inner.norm)
         return self.model.lm_head(x[:, -1, :])
 
@@ -158,8 +160,10 @@ class LlamaDecoder(_Decoder):
 class GPT2Decoder(_Decoder):
     """Decode step for ``GPT2LMHeadModel`` (``c_attn`` is already one fused projection)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto") -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto",
+                 fold: bool = False) -> None:
         cfg = model.config
+        self.fold = fold  # nothing to fold yet: GPT-2's LayerNorm and GELU keep their own kernels
         self.heads, self.embed = cfg.n_head, cfg.n_embd
         self.head_dim = self.embed // self.heads
         self.tr = model.transformer
@@ -205,14 +209,17 @@ def check_supported(model: nn.Module) -> None:
                          f"not model_type {kind!r}")
 
 
-def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto") -> _Decoder:
+def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto",
+                 fold: bool = False) -> _Decoder:
     """The decode step for ``model``; ``attention`` is ``"auto"`` (one-token steps on CUDA use the split-KV
     kernel, :mod:`rankcut.kernels.attention`) or ``"sdpa"`` (rotary kernel, cache write, then
-    ``F.scaled_dot_product_attention`` over the whole static cache).
+    ``F.scaled_dot_product_attention`` over the whole static cache). ``fold`` (Llama family, one row, low-rank
+    projections on the GEMV kernel): add + RMSNorm and SiLU·up computed inside the next projection's phase 1
+    (:mod:`rankcut.kernels.folds`) instead of their own kernels; off by default until measured faster.
 
     Raises:
         ValueError: an architecture the decode step does not support (:func:`check_supported`).
     """
     check_supported(model)
     cls = GPT2Decoder if model.config.model_type == "gpt2" else LlamaDecoder
-    return cls(model, batch, max_len, fuse, attention)
+    return cls(model, batch, max_len, fuse, attention, fold)

@@ -114,9 +114,9 @@ def matmul_params(model) -> int:
 @torch.no_grad()
 def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3,
                 fuse: bool = True, use_graph: bool | None = None, seed: int = 0, progress: bool = False,
-                profile: cost.DeviceProfile = cost.H200_BF16, attention: str = "auto") -> dict:
+                profile: cost.DeviceProfile = cost.H200_BF16, attention: str = "auto", fold: bool = False) -> dict:
     """Decode speed of ``model`` (see :func:`rankcut.bench.loop.time_decode`) plus bytes and prediction."""
-    decoder = make_decoder(model, batch, prompt_len + new_tokens, fuse=fuse, attention=attention)
+    decoder = make_decoder(model, batch, prompt_len + new_tokens, fuse=fuse, attention=attention, fold=fold)
     device = decoder.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
@@ -172,7 +172,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
           prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3, dtype: torch.dtype = torch.bfloat16,
           device: str = "cuda", fuse: bool = True, use_graph: bool | None = None, layers: int | None = None,
           bandwidth: float | None = None, progress: bool = False, factor_dtype: str | None = None,
-          factor_group: int = 128, attention: str = "auto") -> dict:
+          factor_group: int = 128, attention: str = "auto", fold: bool = False) -> dict:
     """Benchmark ``spec`` (and the dense ``compare`` model first, if given) with the identical decode loop.
 
     Args:
@@ -183,6 +183,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
             groups of ``factor_group``), :func:`rankcut.quantize.quantize_factors_` without compensation.
         batch: sequences decoded at once; a list runs every batch size on the same loaded models.
         attention: ``auto`` (the split-KV decode kernel on CUDA) or ``sdpa`` (:func:`rankcut.bench.make_decoder`).
+        fold: add + RMSNorm and SiLU·up inside the next low-rank projection's phase 1 (batch 1; the Llama family).
         bandwidth: memory bandwidth (bytes/s) for the "fraction of the bandwidth limit" figures; default:
             measured here (device-to-device copy) on CUDA.
 
@@ -211,7 +212,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
                 "batch": batch if not isinstance(batch, (list, tuple)) else batches, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).replace("torch.", ""),
                 "device": device, "fuse": fuse, "layers": layers, "factor_dtype": factor_dtype,
-                "factor_group": factor_group, "attention": attention}
+                "factor_group": factor_group, "attention": attention, "fold": fold}
     if device.startswith("cuda") and bandwidth is None:
         from rankcut.bench.timing import copy_bandwidth
 
@@ -230,7 +231,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
                 quantize_factors_(model, factor_dtype, factor_group, compensate=False, progress=False)
         for out, b in zip(per_batch, batches):
             res = bench_model(model, b, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress,
-                              attention=attention)
+                              attention=attention, fold=fold)
             res["spec"] = s + (f" (random low-rank, keep {keep}" + (f", {factor_dtype}" if factor_dtype else "") + ")"
                                if keep is not None else "")
             res["batch"] = b

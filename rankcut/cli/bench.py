@@ -34,6 +34,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--attention", choices=["auto", "sdpa"], default="auto", help=flags.helptext(
         "decode attention: auto = rotary, cache write and split-KV attention in one kernel on CUDA; sdpa = rotary "
         "kernel + F.scaled_dot_product_attention over the whole static cache", "auto"))
+    b.add_argument("--fold", action="store_true",
+                   help="batch 1, Llama family: compute add + RMSNorm and SiLU*up inside the next low-rank projection's "
+                        "first kernel instead of their own kernels (experimental)")
     b.add_argument("--no-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph")
     b.add_argument("--json", metavar="FILE", help="write all figures as JSON here")
     flags.add_quiet(b)
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                    dtype=parse_dtype(args.dtype), device=args.device, fuse=not args.no_fuse,
                    use_graph=False if args.no_graph else None, layers=args.layers, progress=not args.quiet,
-                   factor_dtype=args.factor_dtype, factor_group=args.factor_group, attention=args.attention)
+                   factor_dtype=args.factor_dtype, factor_group=args.factor_group, attention=args.attention,
+                   fold=args.fold)
     result.update(report.invocation(args.argv, args.device))
     print(format_batch_table(result) if "batches" in result else format_table(result))
     report.write_json(args.json, result)

@@ -74,8 +74,46 @@ def _tile(j, BN: tl.constexpr, PE0, PE1, PE2, N0, N1, N2, N3, R0, R1, R2, R3):
 
 
 @triton.jit
-def _p1_gemv(x_ptr, v_ptr, t_ptr, sync_ptr, K, R, KCH, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-             ZB: tl.constexpr, PDL: tl.constexpr, SINGLE: tl.constexpr):
+def _gated(x_ptr, offs, kmask, GOFF):
+    """``silu(gate) · up`` of the input's columns ``offs`` (gate at ``x_ptr``, up ``GOFF`` further), rounded as
+    :func:`rankcut.kernels.glue.silu_mul` rounds (the activation, then the product, to the input dtype)."""
+    dt = x_ptr.dtype.element_ty
+    g = tl.load(x_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + GOFF + offs, mask=kmask, other=0.0).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (a * u).to(dt)
+
+
+@triton.jit
+def _p1_input(x_ptr, r_ptr, w_ptr, s_ptr, offs, kmask, K, GOFF, eps, write_s, PRO: tl.constexpr):
+    """Phase 1's input row at columns ``offs``. PRO 0: ``x`` as stored; 1: ``silu(gate) · up`` (``x_ptr`` the
+    [gate | up] row); 2 and 3: ``RMSNorm(h + res)`` / ``RMSNorm(h)`` with weight ``w_ptr``, the sum ``s`` written to
+    ``s_ptr`` when ``write_s`` (PRO 2 and 3 need the whole row in one tile: ``offs`` covers all K columns), rounded
+    as :func:`rankcut.kernels.glue.add_rmsnorm` rounds."""
+    if PRO == 0:
+        xv = tl.load(x_ptr + offs, mask=kmask, other=0.0)
+    elif PRO == 1:
+        xv = _gated(x_ptr, offs, kmask, GOFF)
+    else:
+        dt = x_ptr.dtype.element_ty
+        h = tl.load(x_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+        if PRO == 2:
+            sv = (h + tl.load(r_ptr + offs, mask=kmask, other=0.0).to(tl.float32)).to(dt)
+        else:
+            sv = h.to(dt)
+        if write_s:
+            tl.store(s_ptr + offs, sv, mask=kmask)
+        xs = sv.to(tl.float32)
+        var = tl.sum(xs * xs, axis=0) / K
+        nv = (xs * tl.rsqrt(var + eps)).to(dt).to(tl.float32)
+        xv = (nv * tl.load(w_ptr + offs, mask=kmask, other=0.0).to(tl.float32)).to(dt)
+    return xv
+
+
+@triton.jit
+def _p1_gemv(x_ptr, v_ptr, t_ptr, sync_ptr, K, R, KCH, r_ptr, w_ptr, s_ptr, GOFF, eps, BR: tl.constexpr,
+             BK: tl.constexpr, SPLIT: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr, SINGLE: tl.constexpr,
+             PRO: tl.constexpr):
     pr = tl.program_id(0)
     pk = tl.program_id(1)
     rows = pr * BR + tl.arange(0, BR)
@@ -87,14 +125,14 @@ def _p1_gemv(x_ptr, v_ptr, t_ptr, sync_ptr, K, R, KCH, BR: tl.constexpr, BK: tl.
     if PDL:  # weights need no predecessor: the first tile is in flight before waiting for x
         gdc_wait()
     if SINGLE:  # one tile spans the chunk: no loop, fewest registers (more programs resident per SM)
-        xv = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0)
+        xv = _p1_input(x_ptr, r_ptr, w_ptr, s_ptr, offs, offs < k_hi, K, GOFF, eps, pr == 0, PRO)
         if PDL:
             gdc_launch_dependents()
         t = tl.sum(v.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
     else:
         acc = tl.zeros((BR, BK), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
-            xv = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0)
+            xv = _p1_input(x_ptr, r_ptr, w_ptr, s_ptr, offs, offs < k_hi, K, GOFF, eps, False, PRO)
             offs_n = offs + BK
             v_n = tl.load(v_ptr + rows[:, None] * K + offs_n[None, :], mask=rmask[:, None] & (offs_n < k_hi)[None, :],
                           other=0.0)
@@ -234,16 +272,34 @@ def launch_args(scratch: Scratch, plan: LowRankPlan) -> tuple[tuple[int, ...], i
     return seg, plan.tiles1 // plan.split_k, plan.block_k * plan.k_iters
 
 
+#: Phase-1 input prologues (:func:`_p1_input`): the input as stored, SiLU·up of a [gate | up] row, RMSNorm of
+#: a residual sum, RMSNorm of the input alone.
+PROLOGUES = {"none": 0, "silu": 1, "add_rmsnorm": 2, "rmsnorm": 3}
+
+
 def launch(x2d: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-           scratch: Scratch, plan: LowRankPlan, phases: tuple[int, ...] = (1, 2)) -> None:
+           scratch: Scratch, plan: LowRankPlan, phases: tuple[int, ...] = (1, 2), prologue: dict | None = None) -> None:
     """Run the kernels: ``x2d`` (M, K) with unit column stride, ``V`` (R, K) contiguous, ``U`` the flat
     concatenation of the segments' (Nᵢ, rᵢ) factors (at most four segments in this mode), ``bias`` (ΣNᵢ) or
-    None, ``y`` (M, ΣNᵢ) contiguous. ``phases`` runs only some launches (profiling of the two-launch mode; the result is then incomplete)."""
+    None, ``y`` (M, ΣNᵢ) contiguous. ``phases`` runs only some launches (profiling of the two-launch mode; the
+    result is then incomplete).
+
+    ``prologue`` (M = 1, the two-launch GEMV path only) computes phase 1's input in the kernel:
+    ``{"kind": "silu"}`` with ``x2d`` the (1, 2K) [gate | up] row; ``{"kind": "add_rmsnorm" | "rmsnorm",
+    "res": (1, K) or None, "weight": (K,), "eps": float, "out": (1, K)}`` with ``x2d`` the block output ``h``:
+    ``out`` receives ``h + res`` (or ``h``), phase 1 reads ``RMSNorm(out)`` (these need the whole row in one
+    phase-1 tile: ``plan.k_iters == plan.split_k == 1``)."""
+    kind = PROLOGUES[(prologue or {}).get("kind", "none")]
+    if kind and (plan.mode == "fused" or plan.use_dot or x2d.shape[0] != 1):
+        raise ValueError("a phase-1 prologue runs on the two-launch GEMV path (M = 1) only")
+    if kind >= 2 and (plan.k_iters != 1 or plan.split_k != 1):
+        raise ValueError("an RMSNorm prologue needs the whole row in one phase-1 tile")
     if plan.mode == "fused":
         from rankcut.kernels.lowrank_fused import launch_fused
 
         return launch_fused(x2d, V, U, bias, y, scratch, plan)
-    M, K = x2d.shape
+    M = x2d.shape[0]
+    K = V.shape[1]
     R = V.shape[0]
     b = bias if bias is not None else y
     seg, nb, kch = launch_args(scratch, plan)
@@ -257,8 +313,16 @@ def launch(x2d: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tens
                                     BRK=plan.block_rk, HAS_BIAS=bias is not None, SPLIT=plan.split, **opts)
     else:
         if 1 in phases:
-            _p1_gemv[(nb, plan.split_k)](x2d, V, scratch.t, scratch.sync, K, R, kch, BR=plan.block_r, BK=plan.block_k,
-                                         SPLIT=plan.split, ZB=ZERO_BLOCK, SINGLE=plan.k_iters == 1, **opts)
+            pro = prologue or {}
+            res = pro.get("res")
+            w = pro.get("weight", x2d)
+            out = pro.get("out", x2d)
+            if kind == PROLOGUES["add_rmsnorm"] and res is None:
+                kind = PROLOGUES["rmsnorm"]
+            _p1_gemv[(nb, plan.split_k)](x2d, V, scratch.t, scratch.sync, K, R, kch, res if res is not None else x2d,
+                                         w, out, K if kind == 1 else 0, float(pro.get("eps", 0.0)), BR=plan.block_r,
+                                         BK=plan.block_k, SPLIT=plan.split, ZB=ZERO_BLOCK, SINGLE=plan.k_iters == 1,
+                                         PRO=kind, **opts)
         if 2 in phases:
             _p2_gemv[(plan.tiles2,)](U, b, y, scratch.t, scratch.sync, R, plan.tiles2, *seg, BN=plan.block_n,
                                      BRK=plan.block_rk, HAS_BIAS=bias is not None, SPLIT=plan.split,

@@ -33,6 +33,32 @@ def add_rmsnorm(h: torch.Tensor, res: torch.Tensor | None, norm: nn.Module) -> t
     return norm(s), s
 
 
+def norm_project(proj: nn.Module, h: torch.Tensor, res: torch.Tensor | None, norm: nn.Module,
+                 fold: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(proj(norm(s)), s)`` with ``s = res + h``: with ``fold``, the add and the norm inside ``proj``'s phase 1
+    where that applies (:func:`rankcut.kernels.folds.norm_project`), else :func:`add_rmsnorm` then ``proj``."""
+    if fold and _fast(h) and type(norm).__name__ in STANDARD_RMSNORMS:
+        from rankcut.kernels import folds
+
+        out = folds.norm_project(proj, h, res, norm.weight, float(norm.variance_epsilon))
+        if out is not None:
+            return out
+    x, s = add_rmsnorm(h, res, norm)
+    return proj(x), s
+
+
+def gated_project(proj: nn.Module, gu: torch.Tensor, act: nn.Module, silu: bool, fold: bool = False) -> torch.Tensor:
+    """``proj(act(gate) · up)`` for ``gu`` = [gate | up]: with ``fold`` (and SiLU), the product inside ``proj``'s
+    phase 1 where that applies (:func:`rankcut.kernels.folds.gated_project`), else :func:`silu_mul` then ``proj``."""
+    if fold and silu and _fast(gu):
+        from rankcut.kernels import folds
+
+        y = folds.gated_project(proj, gu)
+        if y is not None:
+            return y
+    return proj(silu_mul(gu, act, silu))
+
+
 def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                pos: torch.Tensor, positions: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     """Rotary embedding of q and k from the fused ``qkv`` (B, T, (H+2·Hkv)·D), k and v written into the
