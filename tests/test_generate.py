@@ -13,6 +13,7 @@ import transformers
 
 import rankcut
 from rankcut.bench.models import random_lowrank_
+from rankcut.bench.decode import make_decoder
 from rankcut.bench.generate import format_summary
 from rankcut.bench.sampling import Sampler, uniforms
 from rankcut.cli import main
@@ -313,3 +314,25 @@ def test_cuda_loop_streams_and_stops_while_the_next_step_runs():
     cut = rankcut.generate(model, tok, PROMPTS[0], max_new_tokens=32, stop=stop)
     assert cut.finish_reasons == ["stop"] and cut.texts[0] == text[:text.index(stop)]
     assert full.token_ids[0][:len(cut.token_ids[0])] == cut.token_ids[0]
+
+
+def test_sliding_window_models_use_the_fast_loop_only_inside_the_window(caplog):
+    """The fast loop attends to the whole cache: a sliding-window model (Mistral) beyond its window falls back
+    to Hugging Face (auto) or is refused (fast); inside the window it runs and equals Hugging Face."""
+    from tiny_models import mistral
+
+    tok = tiny_tokenizer()
+    prompt = "the quick brown"
+    n = len(tok(prompt).input_ids)
+    window = n + 6
+    model = mistral(sliding_window=window)
+    with pytest.raises(ValueError, match=f"sliding window of {window} positions"):
+        rankcut.generate(model, tok, prompt, max_new_tokens=7, engine="fast")
+    with pytest.raises(ValueError, match=f"sliding window of {window} positions"):
+        make_decoder(model, 1, window + 1)
+    inside = rankcut.generate(model, tok, prompt, max_new_tokens=6, engine="fast")
+    assert inside.token_ids == rankcut.generate(model, tok, prompt, max_new_tokens=6, engine="hf").token_ids
+    caplog.set_level(logging.WARNING)
+    from rankcut.bench.generate import choose_engine
+
+    assert choose_engine(model, "auto", window + 1) == "hf" and "sliding window" in caplog.text

@@ -45,7 +45,7 @@ def mistral(seed: int = 0, **kw) -> transformers.PreTrainedModel:
     _seeded(seed)
     cfg = transformers.MistralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=MAX_POS, sliding_window=None, **kw,
+        num_key_value_heads=2, max_position_embeddings=MAX_POS, **{"sliding_window": None, **kw},
     )
     return transformers.MistralForCausalLM(cfg).eval()
 

@@ -197,12 +197,29 @@ class GPT2Decoder(_Decoder):
         return self.model.lm_head(self.tr.ln_f(h)[:, -1, :])
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise ValueError unless rankcut's decode step supports ``model``'s architecture."""
+def attention_window(model: nn.Module) -> int | None:
+    """The sliding-window length of ``model``'s attention (Mistral's ``sliding_window``; Qwen2's when
+    ``use_sliding_window``), or None when every token attends to all before it."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "model_type", "") == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        return None
+    return int(window) if window else None
+
+
+def check_supported(model: nn.Module, max_len: int | None = None) -> None:
+    """Raise ValueError unless rankcut's decode step supports ``model``'s architecture (and, given ``max_len``,
+    sequences of that many positions: the step attends to the whole cache, so a sliding-window model runs only
+    while prompt + new tokens fit in its window)."""
     kind = getattr(getattr(model, "config", None), "model_type", "")
     if kind in LLAMA_FAMILY:
         if hasattr(model.model.layers[0].self_attn, "q_norm"):
             raise ValueError(f"{type(model).__name__}: rankcut's decode step does not support attention with q/k norms")
+        window = attention_window(model)
+        if window is not None and max_len is not None and max_len > window:
+            raise ValueError(f"{type(model).__name__} attends within a sliding window of {window} positions; rankcut's "
+                             f"decode step attends to the whole cache, so it supports at most {window} positions "
+                             f"(prompt + new tokens), not {max_len}")
         return
     if kind != "gpt2":
         raise ValueError(f"rankcut's decode step supports the Llama family ({', '.join(LLAMA_FAMILY)}) and GPT-2, "
@@ -218,8 +235,9 @@ def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True, 
     (:mod:`rankcut.kernels.folds`) instead of their own kernels; off by default until measured faster.
 
     Raises:
-        ValueError: an architecture the decode step does not support (:func:`check_supported`).
+        ValueError: an architecture the decode step does not support, or a sliding window shorter than
+            ``max_len`` (:func:`check_supported`).
     """
-    check_supported(model)
+    check_supported(model, max_len)
     cls = GPT2Decoder if model.config.model_type == "gpt2" else LlamaDecoder
     return cls(model, batch, max_len, fuse, attention, fold)

@@ -93,22 +93,24 @@ def check_settings(max_new_tokens: int, temperature: float = 0.0, top_p: float =
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
 
-def choose_engine(model, engine: str = "auto") -> str:
-    """``"fast"`` or ``"hf"`` for ``model`` (see the module docstring); a warning when ``auto`` falls back.
+def choose_engine(model, engine: str = "auto", max_len: int | None = None) -> str:
+    """``"fast"`` or ``"hf"`` for ``model`` (see the module docstring) and sequences of up to ``max_len``
+    positions (prompt + new tokens); a warning when ``auto`` falls back.
 
     Raises:
-        ValueError: ``engine="fast"`` for an architecture the fast loop does not support.
+        ValueError: ``engine="fast"`` for an architecture (or a sliding window shorter than ``max_len``) the
+            fast loop does not support.
     """
     from rankcut.bench.decode import check_supported
 
     if engine == "hf":
         return "hf"
     if engine == "fast":
-        check_supported(model)
+        check_supported(model, max_len)
         return "fast"
     device = _device(model)
     try:
-        check_supported(model)
+        check_supported(model, max_len)
         reason = None if device.type == "cuda" else f"the fast loop needs CUDA, the model is on {device}"
     except ValueError as err:
         reason = str(err)
@@ -334,7 +336,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     check_settings(max_new_tokens, temperature, top_p, seed, stop, engine)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     rows = tokenize_prompts(model, tokenizer, prompts, max_new_tokens)
-    chosen = choose_engine(model, engine)
+    chosen = choose_engine(model, engine, max(len(r) for r in rows) + max_new_tokens)
     eos = _eos_ids(model, tokenizer, eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     tracker = _Rows(tokenizer, len(rows), eos, stop, stream)

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_any(args.model, flags.compute_dtype(args.dtype, device), device)
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer")
-    tokenize_prompts(model, tokenizer, prompts, args.max_new_tokens)  # bad prompts fail before anything is printed
-    engine = choose_engine(model, args.engine)
+    rows = tokenize_prompts(model, tokenizer, prompts, args.max_new_tokens)  # bad prompts fail before any output
+    engine = choose_engine(model, args.engine, max(len(r) for r in rows) + args.max_new_tokens)
     if engine == "hf" and device.type == "cuda":
         prepare_for_inference(model)  # fused q/k/v and gate/up in Hugging Face's forward too
     def show(row: int, text: str) -> None:
