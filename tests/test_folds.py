@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.models import random_lowrank_
@@ -20,6 +21,15 @@ from rankcut.kernels import ops
 from tiny_models import llama
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def wide_llama():
+    """A two-block Llama wide enough for the kernels' tiles (hidden 256, head_dim 64, GQA 2:1)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def eager_add_rmsnorm(h, res, w, eps):
@@ -113,8 +123,7 @@ def test_fold_is_the_separate_path_on_the_cpu():
 def test_folded_decode_step_matches_the_unfolded_one_on_gpu(lowrank):
     from rankcut.bench.loop import DecodeLoop
 
-    model = llama(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=64).to("cuda", torch.bfloat16)
+    model = wide_llama().to("cuda", torch.bfloat16)
     if lowrank:
         random_lowrank_(model, 0.5)
     gen = torch.Generator().manual_seed(0)
@@ -150,8 +159,7 @@ def test_folds_match_the_separate_kernels_on_gpu():
     from rankcut.modules import LowRankLinear
     from rankcut.modules.grouped import make_group
 
-    model = llama(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=64).to("cuda", torch.bfloat16)
+    model = wide_llama().to("cuda", torch.bfloat16)
     random_lowrank_(model, 0.5)
     layer = model.model.layers[0]
     group = make_group([layer.mlp.gate_proj, layer.mlp.up_proj])
