@@ -118,3 +118,11 @@ def test_found_by_hypothesis_collinear_steps_and_a_one_ulp_budget():
     got = allocate(curves, 1.8499999999999999)
     assert got.resource <= 1.8499999999999999 * (1 + 1e-12)
     assert got.cost >= brute_force(curves, 1.8499999999999999 * (1 + 1e-12))[0] - 1e-9
+
+
+def test_greedy_takes_every_step_of_a_curve_collinear_to_rounding():
+    """Found by hypothesis: the second drop is 4e-16 larger than the first, the hull keeps the middle point, and
+    the greedy used to sort that unit's second step ahead of its first and then skip it."""
+    curve = Curve(0, [(3, 10.0, 0), (6, 8.993924406557271, 1), (9, 7.9878488131145415, 2)])
+    got = solve_greedy([curve], 9)
+    assert got.choices == {0: 2} and got.cost == pytest.approx(7.9878488131145415)

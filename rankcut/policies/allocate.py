@@ -96,9 +96,13 @@ def solve_greedy(curves: list[Curve], budget: float) -> Allocation:
     spent = sum(h[0][0] for h in hulls)
     segments = []
     for u, h in enumerate(hulls):
+        slope = -math.inf
         for i in range(1, len(h)):
             d_resource, d_cost = h[i][0] - h[i - 1][0], h[i][1] - h[i - 1][1]
-            segments.append((d_cost / d_resource, u, i, d_resource))
+            # the hull keeps points collinear to rounding, whose slopes can come out a few ulps steeper than the
+            # step before: never let a unit's later step sort ahead of its earlier one (it would be skipped)
+            slope = max(slope, d_cost / d_resource)
+            segments.append((slope, u, i, d_resource))
     segments.sort(key=lambda s: (s[0], s[1], s[2]))
     closed = set()
     for _, u, i, d_resource in segments:
