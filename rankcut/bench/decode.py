@@ -139,12 +139,13 @@ class LlamaDecoder(_Decoder):
         positions = pos + self.arange[:T]
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, self._row_positions(positions, pad, B))
-        mask = None if T == 1 and self.decode_attn is not None else self._mask(positions, pad)
+        split_kv = T == 1 and self.decode_attn is not None  # one-token step: the split-KV kernel
+        mask = None if split_kv else self._mask(positions, pad)
         res = None
         fold = self.fold and B * T == 1
         for i, layer in enumerate(self.layers):
             qkv, res = ops.norm_project(self.qkv[i], h, res, layer.input_layernorm, fold)
-            if T == 1 and self.decode_attn is not None:
+            if split_kv:
                 a = self.decode_attn(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, pad)
             else:
                 q = ops.rope_cache(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, positions,
@@ -163,7 +164,7 @@ class GPT2Decoder(_Decoder):
     def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto",
                  fold: bool = False) -> None:
         cfg = model.config
-        self.fold = fold  # nothing to fold yet: GPT-2's LayerNorm and GELU keep their own kernels
+        del fold  # nothing to fold yet: GPT-2's LayerNorm and GELU keep their own kernels
         self.heads, self.embed = cfg.n_head, cfg.n_embd
         self.head_dim = self.embed // self.heads
         self.tr = model.transformer
@@ -178,11 +179,12 @@ class GPT2Decoder(_Decoder):
         positions = pos + self.arange[:T]
         wpe = self.tr.wpe(positions)[None] if pad is None else self.tr.wpe(self._row_positions(positions, pad, B))
         h = self.tr.wte(ids) + wpe
-        mask = None if T == 1 and self.decode_attn is not None else self._mask(positions, pad)
+        split_kv = T == 1 and self.decode_attn is not None  # one-token step: the split-KV kernel
+        mask = None if split_kv else self._mask(positions, pad)
         E, H, D = self.embed, self.heads, self.head_dim
         for i, blk in enumerate(self.blocks):
             qkv = blk.attn.c_attn(blk.ln_1(h))
-            if T == 1 and self.decode_attn is not None:
+            if split_kv:
                 a = self.decode_attn(qkv, None, None, self.k_cache[i], self.v_cache[i], pos, pad)
             else:
                 q, k, v = qkv.split(E, dim=-1)

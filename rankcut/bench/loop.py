@@ -44,6 +44,14 @@ def capture(step: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph
     return graph
 
 
+def _advance(loop) -> None:
+    """One decode step of ``loop``: its graph replayed, or its step run eagerly."""
+    if loop.graph is not None:
+        loop.graph.replay()
+    else:
+        loop.step()
+
+
 class DecodeLoop:
     """Static buffers and the (captured) step for one decoder, batch, prompt and generation length."""
 
@@ -80,10 +88,7 @@ class DecodeLoop:
     def run_steps(self) -> None:
         """``new_tokens`` decode steps after a prefill (not timed here)."""
         for _ in range(self.new_tokens):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step()
+            _advance(self)
 
 
 class GenerationLoop:
@@ -163,7 +168,7 @@ class GenerationLoop:
                     ready = torch.cuda.Event(enable_timing=True)
                     ready.record()
                     if made < self.max_new_tokens:  # keep the device busy while the host looks
-                        self._advance()
+                        _advance(self)
                         made += 1
                     ready.synchronize()
                     chunk = host[:, seen:upto].tolist()
@@ -178,14 +183,8 @@ class GenerationLoop:
                         self.prefill_s, self.decode_s = after_prefill - start, time.perf_counter() - after_prefill
                     return seen
                 continue
-            self._advance()
+            _advance(self)
             made += 1
-
-    def _advance(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.step()
 
 
 def _sync(device: torch.device) -> None:

@@ -140,9 +140,8 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
     fmt, group = (quantised[0].format, quantised[0].group or 128) if quantised else (None, 128)
     attn = None
     if decoder.decode_attn is not None:  # one split-KV kernel per layer, predicted by its own term
-        da = decoder.decode_attn
         layers = len(decoder.k_cache)
-        attn = (layers, da.group)
+        attn = (layers, decoder.decode_attn.group)
         glue = max(0, glue - layers)
     pred = cost.decode_time(rows, (int(head[0]), int(head[1])), glue, kv_read, batch, profile, fmt, group, attn)
     matmul = matmul_params(model)
@@ -202,10 +201,9 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
     check_spec(spec)
     if compare is not None:
         check_spec(compare)
-    from rankcut.kernels.ops import ATTENTION_MODES
+    from rankcut.kernels.ops import check_attention_mode
 
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    check_attention_mode(attention)  # before any model is loaded
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("rankcut bench needs a CUDA GPU (or --device cpu for a functional run)")
     settings = {"spec": spec, "compare": compare, "random_lowrank": random_lowrank,

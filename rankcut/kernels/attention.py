@@ -196,7 +196,7 @@ class DecodeAttention:
             cos, sin = cos.reshape(B, D), sin.reshape(B, D)
             if cos.stride(-1) != 1 or sin.stride() != cos.stride():
                 cos, sin = cos.contiguous(), sin.contiguous()
-        on = pdl_enabled(qkv.device) if qkv.is_cuda else False
+        on = pdl_enabled(qkv.device)
         extra = {"launch_pdl": True} if on else {}
         _decode_attention_kernel[(B * HKV, self.splits)](
             qkv, cos if rope else qkv, sin if rope else qkv, k_cache, v_cache, pos, pad if pad is not None else pos,

@@ -124,20 +124,29 @@ def _call_buffers(x: torch.Tensor, R: int, ranks: list[int], ns: list[int], owne
     return x2d, torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device), scratch
 
 
+def kernel_factors(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``(V, U, bias)`` weights of ``LowRankLinear`` ``layer`` as the kernel takes them, or None when its factors
+    are not plain contiguous ``nn.Linear`` (e.g. wrapped by PEFT)."""
+    V, U = layer.V, layer.U
+    if type(V) is not torch.nn.Linear or type(U) is not torch.nn.Linear:
+        return None
+    if not (V.weight.is_contiguous() and U.weight.is_contiguous()):
+        return None
+    return V.weight, U.weight, U.bias
+
+
 def lowrank_forward(layer, x: torch.Tensor, force: bool = False) -> torch.Tensor | None:
     """The kernel's result for ``LowRankLinear`` ``layer`` on ``x``, or None when the eager path runs: not
     eligible, or (unless ``force``) cuBLAS is the faster path for this shape (:func:`~rankcut.kernels.plan.
     kernel_pays`)."""
-    V, U = layer.V, layer.U
-    if type(V) is not torch.nn.Linear or type(U) is not torch.nn.Linear:  # e.g. wrapped by PEFT
+    factors = kernel_factors(layer)
+    if factors is None:
         return None
     k = x.shape[-1] if x.dim() else 0
     rows = x.numel() // k if k else 0
-    if not eligible(x, [V.weight, U.weight, U.bias], rows) or not (force or kernel_pays(rows, [layer.rank])):
+    if not eligible(x, list(factors), rows) or not (force or kernel_pays(rows, [layer.rank])):
         return None
-    if not (V.weight.is_contiguous() and U.weight.is_contiguous()):
-        return None
-    return run_kernel(x, V.weight, U.weight, U.bias, [layer.rank], [layer.out_features], layer)
+    return run_kernel(x, *factors, [layer.rank], [layer.out_features], layer)
 
 
 # ------------------------------------------------------------------------------------ quantised factors

@@ -26,12 +26,8 @@ def _factors(module):
     if type(module).__name__ == "LowRankGroup":
         return module.V_cat, module.U_flat, module.bias_cat, module.ranks, module.ns
     if type(module).__name__ == "LowRankLinear" and getattr(module, "record_type", None) == "lowrank":
-        V, U = module.V, module.U
-        if type(V) is not torch.nn.Linear or type(U) is not torch.nn.Linear:
-            return None
-        if not (V.weight.is_contiguous() and U.weight.is_contiguous()):
-            return None
-        return V.weight, U.weight, U.bias, [module.rank], [module.out_features]
+        factors = dispatch.kernel_factors(module)
+        return None if factors is None else (*factors, [module.rank], [module.out_features])
     return None
 
 

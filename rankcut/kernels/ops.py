@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankcut.kernels.dispatch import enabled, triton_available
+from rankcut.kernels.dispatch import KERNEL_DTYPES, enabled, triton_available
 
 #: Decode attention: ``auto`` (the split-KV kernel where it applies), ``sdpa`` (rotary kernel + SDPA).
 ATTENTION_MODES = ("auto", "sdpa")
@@ -19,8 +19,18 @@ ATTENTION_MODES = ("auto", "sdpa")
 STANDARD_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 
 
+def _fast_on(device: torch.device | str, dtype: torch.dtype) -> bool:
+    return torch.device(device).type == "cuda" and enabled() and triton_available() and dtype in KERNEL_DTYPES
+
+
 def _fast(t: torch.Tensor) -> bool:
-    return t.is_cuda and enabled() and triton_available() and t.dtype in (torch.float16, torch.bfloat16)
+    return _fast_on(t.device, t.dtype)
+
+
+def check_attention_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`ATTENTION_MODES`."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
 
 
 def add_rmsnorm(h: torch.Tensor, res: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +95,8 @@ def decode_attention(batch: int, heads: int, kv_heads: int, head_dim: int, max_l
     """The one-launch split-KV decode attention (:class:`rankcut.kernels.attention.DecodeAttention`) for a
     decoder of these shapes, or None where the decoder keeps rotary + cache write + SDPA (``mode="sdpa"``; a
     CPU device, another dtype, kernels off, no Triton, a head_dim that is not a power of two ≥ 32)."""
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
-    fast = (torch.device(device).type == "cuda" and enabled() and triton_available()
-            and dtype in (torch.float16, torch.bfloat16))
-    if mode == "sdpa" or not fast or head_dim < 32 or head_dim & (head_dim - 1) or heads % kv_heads:
+    check_attention_mode(mode)
+    if mode == "sdpa" or not _fast_on(device, dtype) or head_dim < 32 or head_dim & (head_dim - 1) or heads % kv_heads:
         return None
     from rankcut.kernels.attention import DecodeAttention
 
