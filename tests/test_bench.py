@@ -226,3 +226,11 @@ def test_bench_api_on_gpu():
         assert r["cuda_graph"] and r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
         assert r["kernels_per_step"] is None or r["kernels_per_step"] > r["target_launches_per_step"]
     assert result["comparison"]["bound"] > 1
+
+
+def test_bench_api_refuses_an_unknown_attention_before_loading(monkeypatch):
+    import rankcut.bench.run as run
+
+    monkeypatch.setattr(run, "load_for_bench", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="attention must be one of auto, sdpa, got 'flash'"):
+        run.bench("random:tiny-llama", attention="flash", device="cpu")
