@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU measurements of issue #15 (decode attention, generate, batch table), in as few device calls as possible.
 # Usage: bash benchmarks/gpu_decode_session.sh OUTDIR [stages...]
-#   stages: attn decode05 decode08 llama3 sdpa fold05 foldab generate batch05 batch08 profile tests
+#   stages: attn decode05 decode08 llama3 cublas05 sdpa fold05 foldab generate batch05 batch08 profile sweep tests
 set -u
 OUT=${1:?outdir}; shift
 STAGES=${*:-"attn decode05 generate tests"}
@@ -17,9 +17,11 @@ for s in $STAGES; do
     decode05) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.5.json" 2>&1 | tail -6 ;;
     decode08) timeout 120 $B $L2 --random-lowrank 0.8 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.8.json" 2>&1 | tail -6 ;;
     llama3) timeout 120 $B $L3 --random-lowrank 0.5 --compare $L3 --quiet --json "$OUT/decode_llama3-8b_keep0.5.json" 2>&1 | tail -6 ;;
+    cublas05) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --dense-gemv cublas --quiet --json "$OUT/decode_llama2-7b_keep0.5_cublas.json" 2>&1 | tail -6 ;;
     sdpa) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --attention sdpa --quiet --json "$OUT/decode_llama2-7b_keep0.5_sdpa.json" 2>&1 | tail -6 ;;
     fold05) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --fold --quiet --json "$OUT/decode_llama2-7b_keep0.5_fold.json" 2>&1 | tail -6 ;;
-    foldab) timeout 200 python3 benchmarks/fold_bench.py --json "$OUT/fold_bench.json" 2>&1 | grep -v Warn | tail -10 ;;
+    foldab) timeout ${FOLDAB_LIMIT:-200} python3 benchmarks/fold_bench.py --json "$OUT/fold_bench.json" 2>&1 | grep -v Warn | tail -10 ;;
+    sweep) timeout ${SWEEP_LIMIT:-200} python3 benchmarks/plan_sweep.py --budget-s ${SWEEP_BUDGET:-15} --json "$OUT/plan_sweep.json" 2>&1 | grep -v Warn | tail -30 ;;
     profile) timeout 120 python3 benchmarks/profile_step.py --json "$OUT/profile_step.json" 2>&1 | grep -v Warn | tail -24 ;;
     generate) timeout ${GEN_LIMIT:-170} python3 benchmarks/generate_7b.py --tokenizer .carry/data/testbed/codellama-16m \
                 --keeps ${GEN_KEEPS:-dense,0.5} --json "$OUT/generate_7b.json" 2>&1 | grep -v Warn | tail -6 ;;

@@ -175,9 +175,10 @@ def test_folds_match_the_separate_kernels_on_gpu():
         got = folds.gated_project(layer.mlp.down_proj, gu)
         assert torch.equal(got, layer.mlp.down_proj(ops.silu_mul(gu, layer.mlp.act_fn, True)))
         assert folds.gated_project(layer.mlp.down_proj, gu.expand(2, 1, -1).contiguous()) is None  # two rows
-        wide = LowRankLinear(8192, 256, 64, bias=True, device="cuda", dtype=torch.bfloat16)  # K in several tiles
+        # K in several tiles of one program (rank 512: enough row blocks that the plan does not split K)
+        wide = LowRankLinear(8192, 1024, 512, bias=True, device="cuda", dtype=torch.bfloat16)
         gu = torch.randn(1, 1, 2 * 8192, device="cuda", dtype=torch.bfloat16)
-        assert dispatch.get_plan(1, 8192, [64], [256], gu.device).k_iters > 1
+        assert dispatch.get_plan(1, 8192, [512], [1024], gu.device).k_iters > 1
         assert torch.equal(folds.gated_project(wide, gu), wide(ops.silu_mul(gu, torch.nn.SiLU(), True)))
         dense = torch.nn.Linear(256, 512, bias=False, device="cuda", dtype=torch.bfloat16)
         assert folds.norm_project(dense, h, res, norm.weight, 1e-5) is None  # not a low-rank layer

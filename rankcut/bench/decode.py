@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankcut.kernels import ops
+from rankcut.kernels import dispatch, ops
 from rankcut.modules.grouped import SeparateGroup, make_group
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -39,8 +39,9 @@ class _Decoder:
     """Shared state: the model, a static KV cache for ``batch`` × ``max_len``, index buffers."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, kv_heads: int, head_dim: int, layers: int,
-                 heads: int, attention: str = "auto") -> None:
+                 heads: int, attention: str = "auto", dense_gemv: bool = True) -> None:
         self.model = model
+        self.dense_gemv = dense_gemv  # one-token dense projections through rankcut's GEMV (False: cuBLAS)
         p = next(model.parameters())
         self.device, self.dtype, self.batch, self.max_len = p.device, p.dtype, batch, max_len
         shape = (batch, kv_heads, max_len, head_dim)
@@ -83,6 +84,12 @@ class _Decoder:
             return positions[None].expand(batch, -1)
         return (positions[None, :] - pad[:, None]).clamp(min=0)
 
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed in cache slots ``pos[0]`` + t
+        (each row's first ``pad[b]`` slots being left padding, when given)."""
+        with dispatch.dense_kernel(self.dense_gemv):
+            return self._step(ids, pos, pad)
+
     def unfuse(self) -> None:
         """Give the layers back their own parameter storage (e.g. before saving the model)."""
         for g in self.groups:
@@ -117,7 +124,7 @@ class LlamaDecoder(_Decoder):
     """Decode step for ``LlamaForCausalLM``-like models (Llama, Mistral, Qwen2)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto",
-                 fold: bool = False) -> None:
+                 fold: bool = False, dense_gemv: bool = True) -> None:
         cfg = model.config
         self.fold = fold
         self.heads = cfg.num_attention_heads
@@ -125,16 +132,15 @@ class LlamaDecoder(_Decoder):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.inner = model.model
         self.layers = list(self.inner.layers)
-        super().__init__(model, batch, max_len, self.kv_heads, self.head_dim, len(self.layers), self.heads, attention)
+        super().__init__(model, batch, max_len, self.kv_heads, self.head_dim, len(self.layers), self.heads, attention,
+                         dense_gemv)
         build = make_group if fuse else SeparateGroup
         self.qkv = [build([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [build([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         self.groups = self.qkv + self.gate_up
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed in cache slots ``pos[0]`` + t
-        (each row's first ``pad[b]`` slots being left padding, when given)."""
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         B, T = ids.shape
         positions = pos + self.arange[:T]
         h = self.inner.embed_tokens(ids)
@@ -151,30 +157,29 @@ class LlamaDecoder(_Decoder):
                 q = ops.rope_cache(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, positions,
                                    self.heads, self.kv_heads, self.head_dim)
                 a = self._attend(q, i, mask, self.heads, self.kv_heads)
-            o = layer.self_attn.o_proj(a)
+            o = ops.project(layer.self_attn.o_proj, a)
             gu, res = ops.norm_project(self.gate_up[i], o, res, layer.post_attention_layernorm, fold)
             h = ops.gated_project(layer.mlp.down_proj, gu, layer.mlp.act_fn, self.silu, fold)
         x, _ = ops.add_rmsnorm(h, res, self.inner.norm)
-        return self.model.lm_head(x[:, -1, :])
+        return ops.project(self.model.lm_head, x[:, -1, :])
 
 
 class GPT2Decoder(_Decoder):
     """Decode step for ``GPT2LMHeadModel`` (``c_attn`` is already one fused projection)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto",
-                 fold: bool = False) -> None:
+                 fold: bool = False, dense_gemv: bool = True) -> None:
         cfg = model.config
         del fold  # nothing to fold yet: GPT-2's LayerNorm and GELU keep their own kernels
         self.heads, self.embed = cfg.n_head, cfg.n_embd
         self.head_dim = self.embed // self.heads
         self.tr = model.transformer
         self.blocks = list(self.tr.h)
-        super().__init__(model, batch, max_len, self.heads, self.head_dim, len(self.blocks), self.heads, attention)
+        super().__init__(model, batch, max_len, self.heads, self.head_dim, len(self.blocks), self.heads, attention,
+                         dense_gemv)
         self.tanh_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, vocab) of the last of the T tokens ``ids`` (B, T) placed in cache slots ``pos[0]`` + t
-        (each row's first ``pad[b]`` slots being left padding, when given)."""
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         B, T = ids.shape
         positions = pos + self.arange[:T]
         wpe = self.tr.wpe(positions)[None] if pad is None else self.tr.wpe(self._row_positions(positions, pad, B))
@@ -196,7 +201,7 @@ class GPT2Decoder(_Decoder):
             m = blk.mlp.c_fc(blk.ln_2(h))
             m = ops.gelu_tanh(m) if self.tanh_gelu else blk.mlp.act(m)
             h = h + blk.mlp.c_proj(m)
-        return self.model.lm_head(self.tr.ln_f(h)[:, -1, :])
+        return ops.project(self.model.lm_head, self.tr.ln_f(h)[:, -1, :])
 
 
 def attention_window(model: nn.Module) -> int | None:
@@ -229,12 +234,14 @@ def check_supported(model: nn.Module, max_len: int | None = None) -> None:
 
 
 def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True, attention: str = "auto",
-                 fold: bool = False) -> _Decoder:
+                 fold: bool = False, dense_gemv: bool = True) -> _Decoder:
     """The decode step for ``model``; ``attention`` is ``"auto"`` (one-token steps on CUDA use the split-KV
     kernel, :mod:`rankcut.kernels.attention`) or ``"sdpa"`` (rotary kernel, cache write, then
     ``F.scaled_dot_product_attention`` over the whole static cache). ``fold`` (Llama family, one row, low-rank
     projections on the GEMV kernel): add + RMSNorm and SiLU·up computed inside the next projection's phase 1
-    (:mod:`rankcut.kernels.folds`) instead of their own kernels; off by default until measured faster.
+    (:mod:`rankcut.kernels.folds`) instead of their own kernels; off by default: measured no faster (BENCHMARKS.md).
+    ``dense_gemv``: one-token dense projections (``nn.Linear``, fused dense groups) through rankcut's GEMV
+    (:mod:`rankcut.kernels.gemv`) instead of cuBLAS.
 
     Raises:
         ValueError: an architecture the decode step does not support, or a sliding window shorter than
@@ -242,4 +249,4 @@ def make_decoder(model: nn.Module, batch: int, max_len: int, fuse: bool = True, 
     """
     check_supported(model, max_len)
     cls = GPT2Decoder if model.config.model_type == "gpt2" else LlamaDecoder
-    return cls(model, batch, max_len, fuse, attention, fold)
+    return cls(model, batch, max_len, fuse, attention, fold, dense_gemv)

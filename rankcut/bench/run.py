@@ -114,9 +114,11 @@ def matmul_params(model) -> int:
 @torch.no_grad()
 def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3,
                 fuse: bool = True, use_graph: bool | None = None, seed: int = 0, progress: bool = False,
-                profile: cost.DeviceProfile = cost.H200_BF16, attention: str = "auto", fold: bool = False) -> dict:
+                profile: cost.DeviceProfile = cost.H200_BF16, attention: str = "auto", fold: bool = False,
+                dense_gemv: bool = True) -> dict:
     """Decode speed of ``model`` (see :func:`rankcut.bench.loop.time_decode`) plus bytes and prediction."""
-    decoder = make_decoder(model, batch, prompt_len + new_tokens, fuse=fuse, attention=attention, fold=fold)
+    decoder = make_decoder(model, batch, prompt_len + new_tokens, fuse=fuse, attention=attention, fold=fold,
+                           dense_gemv=dense_gemv)
     device = decoder.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
@@ -132,6 +134,7 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
     units = cost.launch_units(rows)
     launches = sum(1 if all(r is None for *_, r in u) else 2 for u in units)
     gemv = ("nvjet", "splitKreduce", "gemv", "_p1_", "_p2_", "_p1q_", "_p2q_")  # projection kernels (cuBLAS, rankcut), LM head
+    # ("gemv" also matches rankcut's dense GEMV, _dense_gemv)
     glue = sum(c for name, c in names.items() if not any(g in name for g in gemv)) if names else None
     if glue is None:  # no profiler: the decode step's own count (Llama: 5 per block; 18 per step)
         glue = 5 * len(getattr(decoder, "layers", getattr(decoder, "blocks", []))) + 18
@@ -171,7 +174,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
           prompt_len: int = 128, new_tokens: int = 256, repeats: int = 3, dtype: torch.dtype = torch.bfloat16,
           device: str = "cuda", fuse: bool = True, use_graph: bool | None = None, layers: int | None = None,
           bandwidth: float | None = None, progress: bool = False, factor_dtype: str | None = None,
-          factor_group: int = 128, attention: str = "auto", fold: bool = False) -> dict:
+          factor_group: int = 128, attention: str = "auto", fold: bool = False, dense_gemv: bool = True) -> dict:
     """Benchmark ``spec`` (and the dense ``compare`` model first, if given) with the identical decode loop.
 
     Args:
@@ -183,6 +186,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
         batch: sequences decoded at once; a list runs every batch size on the same loaded models.
         attention: ``auto`` (the split-KV decode kernel on CUDA) or ``sdpa`` (:func:`rankcut.bench.make_decoder`).
         fold: add + RMSNorm and SiLU·up inside the next low-rank projection's phase 1 (batch 1; the Llama family).
+        dense_gemv: one-token dense projections through rankcut's GEMV (False: cuBLAS), in both models.
         bandwidth: memory bandwidth (bytes/s) for the "fraction of the bandwidth limit" figures; default:
             measured here (device-to-device copy) on CUDA.
 
@@ -210,7 +214,8 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
                 "batch": batch if not isinstance(batch, (list, tuple)) else batches, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).replace("torch.", ""),
                 "device": device, "fuse": fuse, "layers": layers, "factor_dtype": factor_dtype,
-                "factor_group": factor_group, "attention": attention, "fold": fold}
+                "factor_group": factor_group, "attention": attention, "fold": fold,
+                "dense_gemv": dense_gemv}
     if device.startswith("cuda") and bandwidth is None:
         from rankcut.bench.timing import copy_bandwidth
 
@@ -229,7 +234,7 @@ def bench(spec: str, compare: str | None = None, random_lowrank: float | None = 
                 quantize_factors_(model, factor_dtype, factor_group, compensate=False, progress=False)
         for out, b in zip(per_batch, batches):
             res = bench_model(model, b, prompt_len, new_tokens, repeats, fuse, use_graph, progress=progress,
-                              attention=attention, fold=fold)
+                              attention=attention, fold=fold, dense_gemv=dense_gemv)
             res["spec"] = s + (f" (random low-rank, keep {keep}" + (f", {factor_dtype}" if factor_dtype else "") + ")"
                                if keep is not None else "")
             res["batch"] = b

@@ -37,6 +37,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--fold", action="store_true",
                    help="batch 1, Llama family: compute add + RMSNorm and SiLU*up inside the next low-rank projection's "
                         "first kernel instead of their own kernels (experimental)")
+    b.add_argument("--dense-gemv", choices=["rankcut", "cublas"], default="rankcut", help=flags.helptext(
+        "one-token dense projections (dense models, the dense layers of compressed ones): rankcut's Triton GEMV or "
+        "cuBLAS", "rankcut"))
     b.add_argument("--no-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph")
     b.add_argument("--json", metavar="FILE", help="write all figures as JSON here")
     flags.add_quiet(b)
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                    dtype=parse_dtype(args.dtype), device=args.device, fuse=not args.no_fuse,
                    use_graph=False if args.no_graph else None, layers=args.layers, progress=not args.quiet,
                    factor_dtype=args.factor_dtype, factor_group=args.factor_group, attention=args.attention,
-                   fold=args.fold)
+                   fold=args.fold, dense_gemv=args.dense_gemv == "rankcut")
     result.update(report.invocation(args.argv, args.device))
     print(format_batch_table(result) if "batches" in result else format_table(result))
     report.write_json(args.json, result)

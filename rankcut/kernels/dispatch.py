@@ -16,11 +16,12 @@ import os
 
 import torch
 
-from rankcut.kernels.plan import MAX_M, LowRankPlan, kernel_pays, plan_lowrank
+from rankcut.kernels.plan import DENSE_MIN_ROWS, MAX_M, DensePlan, LowRankPlan, kernel_pays, plan_dense, plan_lowrank
 
 log = logging.getLogger(__name__)
 
-_STATE = {"enabled": os.environ.get("RANKCUT_KERNELS", "1") != "0", "triton": None}
+_STATE = {"enabled": os.environ.get("RANKCUT_KERNELS", "1") != "0", "triton": None,
+          "dense": os.environ.get("RANKCUT_DENSE_GEMV", "1") != "0"}
 _OVERRIDES: dict = {}
 _PLANS: dict[tuple, LowRankPlan] = {}
 _SMS: dict[int, tuple[int, bool]] = {}
@@ -147,6 +148,59 @@ def lowrank_forward(layer, x: torch.Tensor, force: bool = False) -> torch.Tensor
     if not eligible(x, list(factors), rows) or not (force or kernel_pays(rows, [layer.rank])):
         return None
     return run_kernel(x, *factors, [layer.rank], [layer.out_features], layer)
+
+
+# ------------------------------------------------------------------------------------ dense projections
+
+
+def set_dense_enabled(flag: bool) -> None:
+    """Switch the dense GEMV (:mod:`rankcut.kernels.gemv`) on or off; off, one-token dense projections run through
+    cuBLAS (also ``RANKCUT_DENSE_GEMV=0``). The low-rank kernels are not affected."""
+    _STATE["dense"] = bool(flag)
+
+
+def dense_enabled() -> bool:
+    return _STATE["dense"] and _STATE["enabled"]
+
+
+@contextlib.contextmanager
+def dense_kernel(flag: bool):
+    """The dense GEMV on (True) or off (False) inside the block."""
+    old = _STATE["dense"]
+    _STATE["dense"] = bool(flag)
+    try:
+        yield
+    finally:
+        _STATE["dense"] = old
+
+
+def dense_plan(n: int, k: int, device: torch.device) -> DensePlan:
+    key = ("dense", n, k)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = plan_dense(n, k, pdl=_device_info(device)[1])
+    return plan
+
+
+def dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``x Wᵀ + b`` through the dense GEMV for one token (``x.numel() == K``) on CUDA, or None where cuBLAS runs:
+    more rows, fewer than :data:`~rankcut.kernels.plan.DENSE_MIN_ROWS` outputs, a weight that is not contiguous
+    (N, K), a gradient needed, or the GEMV switched off (:func:`set_dense_enabled`)."""
+    if not _STATE["dense"] or weight.dim() != 2 or x.dim() == 0:
+        return None
+    n, k = weight.shape
+    if x.shape[-1] != k or x.numel() != k or n < DENSE_MIN_ROWS or not weight.is_contiguous():
+        return None
+    if not eligible(x, [weight, bias], 1) or (bias is not None and not bias.is_contiguous()):
+        return None
+    from rankcut.kernels.gemv import dense_gemv
+
+    x2d = x.reshape(1, k)
+    if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    dense_gemv(x2d, weight, bias, y, dense_plan(n, k, x.device))
+    return y.reshape(*x.shape[:-1], n)
 
 
 # ------------------------------------------------------------------------------------ quantised factors

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankcut.kernels.dispatch import KERNEL_DTYPES, enabled, triton_available
+from rankcut.kernels.dispatch import KERNEL_DTYPES, dense_forward, enabled, triton_available
 
 #: Decode attention: ``auto`` (the split-KV kernel where it applies), ``sdpa`` (rotary kernel + SDPA).
 ATTENTION_MODES = ("auto", "sdpa")
@@ -43,6 +43,16 @@ def add_rmsnorm(h: torch.Tensor, res: torch.Tensor | None, norm: nn.Module) -> t
     return norm(s), s
 
 
+def project(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``proj(x)``; a plain ``nn.Linear`` on one CUDA token runs through the dense GEMV
+    (:func:`rankcut.kernels.dispatch.dense_forward`) where that applies."""
+    if type(proj) is nn.Linear and _fast(x):
+        y = dense_forward(proj.weight, proj.bias, x)
+        if y is not None:
+            return y
+    return proj(x)
+
+
 def norm_project(proj: nn.Module, h: torch.Tensor, res: torch.Tensor | None, norm: nn.Module,
                  fold: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(proj(norm(s)), s)`` with ``s = res + h``: with ``fold``, the add and the norm inside ``proj``'s phase 1
@@ -54,7 +64,7 @@ def norm_project(proj: nn.Module, h: torch.Tensor, res: torch.Tensor | None, nor
         if out is not None:
             return out
     x, s = add_rmsnorm(h, res, norm)
-    return proj(x), s
+    return project(proj, x), s
 
 
 def gated_project(proj: nn.Module, gu: torch.Tensor, act: nn.Module, silu: bool, fold: bool = False) -> torch.Tensor:
@@ -66,7 +76,7 @@ def gated_project(proj: nn.Module, gu: torch.Tensor, act: nn.Module, silu: bool,
         y = folds.gated_project(proj, gu)
         if y is not None:
             return y
-    return proj(silu_mul(gu, act, silu))
+    return project(proj, silu_mul(gu, act, silu))
 
 
 def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

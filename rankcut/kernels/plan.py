@@ -151,6 +151,11 @@ def plan_lowrank(
     if m == 1:  # about 8 programs per SM in phase 1 (measured: 2 per SM left the SMs a quarter occupied)
         br = block_r or max(1, min(8, prev_pow2(R / (4 * want)), E // next_pow2(k)))
         bk = block_k or min(next_pow2(k), max(256, E // br))
+        if next_pow2(k) > E and max_elems is None and block_r is None and block_k is None and R >= 2 * want:
+            # K wider than one tile (the down projection): 4 rows × 2048 columns per load, measured 17 % faster
+            # than one row × 4096 at 1492 × 11008 (benchmarks/plan_sweep.py; bf16 factors only: the quantised
+            # kernels pass their own max_elems and keep their measured tiles)
+            br, bk = min(4, prev_pow2(R / want)), min(2048, E)
         # the whole rank in one tile up to 2048; above, chunks of 512 or 1024 (least padding): measured faster
         # than one 4096-wide tile holding a single row (BENCHMARKS.md, phase profile)
         brk = min(next_pow2(max_rank), 2048)
@@ -230,6 +235,32 @@ def _plan_fused(
     tile_elems = max(br * block_k, bn * block_rk)
     warps = 8 if tile_elems >= 16384 else 4
     return LowRankPlan(m_pad, br, block_k, k_iters, split_k, tiles1, bn, block_rk, tiles2, grid, "fused", pre, warps, stages)
+
+
+#: Fewest output rows for which the dense GEMV (:mod:`rankcut.kernels.gemv`) runs instead of cuBLAS: below it
+#: one row per program leaves SMs idle (every measured decode projection has ≥ 4096 rows).
+DENSE_MIN_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """Launch parameters of the dense GEMV (one token): ``block_r`` rows of W per program, tiles of ``block_k``."""
+
+    block_r: int
+    block_k: int
+    num_warps: int
+    pdl: bool = False
+
+
+def plan_dense(n: int, k: int, *, block_r: int | None = None, block_k: int | None = None,
+               num_warps: int | None = None, pdl: bool = True) -> DensePlan:
+    """The dense GEMV's plan for an (n, k) weight: one row per program; the whole row in one tile up to 4096
+    columns (4 warps), tiles of 2048 with 8 warps above — the best of the measured variants on the H200
+    (``benchmarks/plan_sweep.py``: 4096–22016 × 4096 and 4096 × 11008, bf16)."""
+    if n < 1 or k < 1:
+        raise ValueError(f"bad dense problem: n={n}, k={k}")
+    bk = block_k or (next_pow2(k) if next_pow2(k) <= 4096 else 2048)
+    return DensePlan(block_r or 1, bk, num_warps or (4 if bk >= k else 8), pdl)
 
 
 def tile_table(ranks: list[int], ns: list[int], block_n: int) -> list[int]:

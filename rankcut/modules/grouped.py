@@ -129,6 +129,12 @@ class DenseGroup(nn.Module):
                     _rebind(p, p.data.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one token: the dense GEMV where it applies (rankcut.kernels.dispatch.dense_forward)
+            from rankcut.kernels.dispatch import dense_forward
+
+            y = dense_forward(self.W_cat, self.bias_cat, x)
+            if y is not None:
+                return y
         return F.linear(x, self.W_cat, self.bias_cat)
 
 
