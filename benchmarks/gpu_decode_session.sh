@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU measurements of issue #15 (decode attention, generate, batch table), in as few device calls as possible.
 # Usage: bash benchmarks/gpu_decode_session.sh OUTDIR [stages...]
-#   stages: attn decode05 decode08 llama3 cublas05 sdpa fold05 foldab generate batch05 batch08 profile sweep tests
+#   stages: attn decode05 decode08 llama3 cublas05 sdpa fold05 foldab generate batch05 batch08 profile sweep layer1 tests
 set -u
 OUT=${1:?outdir}; shift
 STAGES=${*:-"attn decode05 generate tests"}
@@ -22,6 +22,7 @@ for s in $STAGES; do
     fold05) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --fold --quiet --json "$OUT/decode_llama2-7b_keep0.5_fold.json" 2>&1 | tail -6 ;;
     foldab) timeout ${FOLDAB_LIMIT:-200} python3 benchmarks/fold_bench.py --json "$OUT/fold_bench.json" 2>&1 | grep -v Warn | tail -10 ;;
     sweep) timeout ${SWEEP_LIMIT:-200} python3 benchmarks/plan_sweep.py --budget-s ${SWEEP_BUDGET:-15} --json "$OUT/plan_sweep.json" 2>&1 | grep -v Warn | tail -30 ;;
+    layer1) timeout ${LAYER_LIMIT:-200} python3 benchmarks/layer_bench.py --rows 1 --no-tune --json "$OUT/layer_bench_m1.json" 2>&1 | grep -v Warn | tail -32 ;;
     profile) timeout 120 python3 benchmarks/profile_step.py --json "$OUT/profile_step.json" 2>&1 | grep -v Warn | tail -24 ;;
     generate) timeout ${GEN_LIMIT:-170} python3 benchmarks/generate_7b.py --tokenizer .carry/data/testbed/codellama-16m \
                 --keeps ${GEN_KEEPS:-dense,0.5} --json "$OUT/generate_7b.json" 2>&1 | grep -v Warn | tail -6 ;;

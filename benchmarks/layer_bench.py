@@ -135,10 +135,13 @@ def main() -> int:
             W = [torch.randn(m, n, device="cuda", dtype=dtype) / math.sqrt(n) for _ in range(copies_for(m * n * 2))]
             x = torch.randn(rows, n, device="cuda", dtype=dtype)
             t_dense = graph_time([(lambda w=w: F.linear(x, w)) for w in W])
+            # rankcut's dense GEMV (one token; the decode step's dense path), beside cuBLAS
+            t_gemv = graph_time([(lambda w=w: dispatch.dense_forward(w, None, x)) for w in W]) if rows == 1 else None
             del W
             for r in ranks_for(m, n):
                 variants = VARIANTS[rows] if (m, n) in TUNE_SHAPES and not args.no_tune else {}
                 p = time_point(m, n, r, rows, dtype, variants, t_dense)
+                p["dense_rankcut_gemv"] = t_gemv  # seconds (not a "*_s" kernel variant of the summary)
                 points.append(p)
                 print(f"{m:>6}x{n:<6} M={rows:<2} r={r:<5} dense {t_dense * 1e6:6.2f} us  2xlinear {p['two_linear_s'] * 1e6:6.2f}"
                       f"  kernel {p['kernel_s'] * 1e6:6.2f}  " + "  ".join(f"{k}={p[k + '_s'] * 1e6:.2f}" for k in variants)
@@ -171,7 +174,9 @@ def summarize(result: dict) -> None:
         print(f"{p['m']:>6}x{p['n']:<6} M={p['rows']:<2} r={p['rank']:<5} bound {p['bound']:5.2f} speedup {speed:5.2f} "
               f"(kernel {p['dense_s'] / p['kernel_s']:5.2f}) "
               f"target {target:5.2f} 2xlinear {p['dense_s'] / p['two_linear_s']:5.2f} GB/s {p['bytes'] / p['kernel_s'] / 1e9:6.0f} "
-              f"best {best[1]} {p['dense_s'] / best[0]:5.2f} {phases} {'ok' if ok else 'MISS'}")
+              f"best {best[1]} {p['dense_s'] / best[0]:5.2f} {phases} {'ok' if ok else 'MISS'}"
+              + (f" | vs rankcut dense GEMV {p['dense_rankcut_gemv'] * 1e6:.2f} us: {p['dense_rankcut_gemv'] / auto:5.2f}x"
+                 if p.get("dense_rankcut_gemv") else ""))
     print(f"{misses} points miss the target")
 
 
