@@ -106,49 +106,14 @@ def dense_points(sms: int) -> list[dict]:
     return rows
 
 
-def align_ab(sms: int) -> list[dict]:
-    """Phase 2 alone with and without the 16-byte alignment hint, and at ranks just off / on a multiple of 8."""
-    from rankcut.kernels import lowrank
-
-    rows = []
-    for n, k, r in [(4096, 4096, 1024), (11008, 4096, 1024), (12288, 4096, 1024), (22016, 4096, 1492),
-                    (22016, 4096, 1496), (4096, 11008, 1492), (4096, 11008, 1496), (14336, 4096, 1592)]:
-        copies = copies_for(r * (n + k) * 2)
-        V, U = _weights(n, k, r, copies)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        sc = Scratch(x.device, r, [r], [n])
-        plan = plan_lowrank(1, k, [r], [n], sms, pdl=True)
-        row = {"shape": [n, k, r]}
-        for hint in (False, True):
-            lowrank.ALIGN_HINTS = hint
-            row[f"p2_us_hint_{hint}"] = _time(x, V, U, y, sc, plan, (2,)) * 1e6
-            row[f"both_us_hint_{hint}"] = _time(x, V, U, y, sc, plan, (1, 2)) * 1e6
-        lowrank.ALIGN_HINTS = True
-        rows.append(row)
-        print(f"{n}x{k} r{r}: p2 {row['p2_us_hint_False']:.2f} -> {row['p2_us_hint_True']:.2f} us "
-              f"({r * n * 2 / row['p2_us_hint_True'] / 1e6:.2f} TB/s); both {row['both_us_hint_False']:.2f} -> "
-              f"{row['both_us_hint_True']:.2f}", flush=True)
-        del V, U
-        torch.cuda.empty_cache()
-    return rows
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--budget-s", type=float, default=25.0, help="seconds per shape")
     ap.add_argument("--no-dense", action="store_true")
-    ap.add_argument("--align", action="store_true", help="only the alignment-hint A/B of phase 2")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dispatch.set_enabled(True)
-    if args.align:
-        out = {"align": align_ab(sms)}
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(out, fh, indent=1)
-        return 0
     out = {"points": [], "dense": []}
     for n, k, r in SHAPES:
         rows = sweep_shape(n, k, r, sms, args.budget_s)

@@ -153,12 +153,8 @@ def _p1_gemv(x_ptr, v_ptr, t_ptr, sync_ptr, K, R, KCH, r_ptr, w_ptr, s_ptr, GOFF
 @triton.jit
 def _p2_gemv(u_ptr, b_ptr, y_ptr, t_ptr, sync_ptr, R, NPROG, PE0, PE1, PE2, N0, N1, N2, N3, R0, R1, R2, R3,
              BN: tl.constexpr, BRK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-             SINGLE: tl.constexpr, ALIGN: tl.constexpr):
+             SINGLE: tl.constexpr):
     row0, rend, uoff, r0, rs, srow = _tile(tl.program_id(0), BN, PE0, PE1, PE2, N0, N1, N2, N3, R0, R1, R2, R3)
-    if ALIGN:  # every rank a multiple of 8: U's rows start on 16 bytes (the segment arithmetic hides it from Triton)
-        rs = tl.multiple_of(rs, 8)
-        uoff = tl.multiple_of(uoff, 8)
-        r0 = tl.multiple_of(r0, 8)
     n = row0 + tl.arange(0, BN)
     nmask = n < rend
     jj = tl.arange(0, BRK)
@@ -276,16 +272,6 @@ def launch_args(scratch: Scratch, plan: LowRankPlan) -> tuple[tuple[int, ...], i
     return seg, plan.tiles1 // plan.split_k, plan.block_k * plan.k_iters
 
 
-#: Tell Triton when U's rows are 16-byte aligned (every rank a multiple of 8): vector loads in phase 2. A switch
-#: for A/B measurements (``benchmarks/plan_sweep.py --align``).
-ALIGN_HINTS = True
-
-
-def aligned(scratch: Scratch, U: torch.Tensor) -> bool:
-    """Whether every segment's rank is a multiple of 8 and the flat U starts on 16 bytes."""
-    return all(r % 8 == 0 for r in scratch.ranks) and U.data_ptr() % 16 == 0
-
-
 #: Phase-1 input prologues (:func:`_p1_input`): the input as stored, SiLU·up of a [gate | up] row, RMSNorm of
 #: a residual sum, RMSNorm of the input alone.
 PROLOGUES = {"none": 0, "silu": 1, "add_rmsnorm": 2, "rmsnorm": 3}
@@ -340,8 +326,7 @@ def launch(x2d: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tens
         if 2 in phases:
             _p2_gemv[(plan.tiles2,)](U, b, y, scratch.t, scratch.sync, R, plan.tiles2, *seg, BN=plan.block_n,
                                      BRK=plan.block_rk, HAS_BIAS=bias is not None, SPLIT=plan.split,
-                                     SINGLE=plan.block_rk >= max(scratch.ranks), ALIGN=ALIGN_HINTS and aligned(scratch, U),
-                                     **opts)
+                                     SINGLE=plan.block_rk >= max(scratch.ranks), **opts)
 
 
 @triton.jit
