@@ -3,9 +3,8 @@
 Every kernel of a decode step reads its weights once, so its time is a fixed cost plus its bytes over a
 streaming bandwidth (or its FLOPs over the matrix rate, whichever is larger):
 
-- a dense projection (one cuBLAS call): interpolated between measured (bytes, time) points of cuBLAS GEMVs
-  (its fixed cost is ~2.3 µs for a tiny matrix but the ramp costs more on mid-sized ones), beyond the largest
-  at ``dense_bw``;
+- a dense projection (one call of rankcut's dense GEMV at batch 1, :mod:`rankcut.kernels.gemv`): interpolated
+  between measured (bytes, time) points of that GEMV, beyond the largest at ``dense_bw``;
 - a low-rank projection or a fused group of them (rankcut's two launches): phase 1 streams ``V``
   (``p1_floor + R·K·2 / p1_bw``), phase 2 streams ``U`` (``p2_floor + Σ Nᵢrᵢ·2 / p2_bw``);
 - rankcut's split-KV decode attention (one kernel per layer, :mod:`rankcut.kernels.attention`):
@@ -31,7 +30,7 @@ class DeviceProfile:
     """Measured constants of one GPU and dtype (seconds, bytes/s, FLOP/s)."""
 
     name: str
-    dense_points: tuple[tuple[float, float], ...]  # (bytes, seconds) of cuBLAS GEMVs, ascending, from (0, floor)
+    dense_points: tuple[tuple[float, float], ...]  # (bytes, seconds) of dense GEMVs, ascending, from (0, floor)
     dense_bw: float
     p1_floor: float
     p1_bw: float
@@ -50,10 +49,12 @@ class DeviceProfile:
 
 #: Fitted on the H200 runs recorded in BENCHMARKS.md (bf16, batch 1, CUDA-graph replay); the attention terms
 #: are a least-squares fit to the 8 points of ``benchmarks/attention_bench.py`` (Llama-2 and Llama-3 shapes,
-#: 384 and 4096 slots; errors within ±17 %).
+#: 384 and 4096 slots; errors within ±17 %). The dense points are rankcut's dense GEMV in the layer benchmark
+#: (1024, 4096, 11008 and 14336 × 4096, ``benchmarks/results/decode15/r2/layer_bench_m1.json``); the floor at
+#: 0 bytes is the line through the two smallest points extended (an estimate: no tiny matrix was timed).
 H200_BF16 = DeviceProfile(
     "NVIDIA H200, bf16",
-    dense_points=((0.0, 2.3e-6), (8.39e6, 7.66e-6), (33.55e6, 13.41e-6), (90.18e6, 26.79e-6), (117.4e6, 31.49e-6)),
+    dense_points=((0.0, 1.64e-6), (8.39e6, 3.49e-6), (33.55e6, 9.03e-6), (90.18e6, 21.73e-6), (117.4e6, 27.66e-6)),
     dense_bw=4.59e12, p1_floor=1.34e-6, p1_bw=3.34e12, p2_floor=1.35e-6, p2_bw=2.88e12, glue=1.1e-6,
 )
 
