@@ -106,14 +106,60 @@ def dense_points(sms: int) -> list[dict]:
     return rows
 
 
+def m16_sweep(sms: int, budget: float) -> list[dict]:
+    """M = 16 (the tensor-core path): each phase alone under forced tiles, against two cuBLAS products."""
+    rows = []
+    for n, k, r in [(4096, 4096, 512), (4096, 4096, 1024), (11008, 4096, 1024), (4096, 11008, 1024),
+                    (14336, 4096, 512)]:
+        copies = copies_for(r * (n + k) * 2)
+        V, U = _weights(n, k, r, copies)
+        x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(16, n, device="cuda", dtype=torch.bfloat16)
+        sc = Scratch(x.device, r, [r], [n])
+        two = graph_time([(lambda v=v, u=u: F.linear(F.linear(x, v), u)) for v, u in zip(V, U)]) * 1e6
+        t0 = time.time()
+        res = {"shape": [n, k, r], "two_linear_us": two, "p2": [], "p1": []}
+        auto = plan_lowrank(16, k, [r], [n], sms, pdl=True)
+        res["auto_p1_us"] = _time(x, V, U, y, sc, auto, (1,)) * 1e6
+        res["auto_p2_us"] = _time(x, V, U, y, sc, auto, (2,)) * 1e6
+        for bn, brk, w, st in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 4)):
+            if time.time() - t0 > budget:
+                break
+            plan = plan_lowrank(16, k, [r], [n], sms, pdl=True, block_n=bn, block_rk=brk, num_warps=w, num_stages=st)
+            res["p2"].append({"block_n": bn, "block_rk": brk, "num_warps": w, "num_stages": st,
+                              "us": _time(x, V, U, y, sc, plan, (2,)) * 1e6})
+        for br, bk, w in itertools.product((16, 32, 64), (64, 128, 256), (4, 8)):
+            if time.time() - t0 > 2 * budget:
+                break
+            plan = plan_lowrank(16, k, [r], [n], sms, pdl=True, block_r=br, block_k=bk, num_warps=w)
+            res["p1"].append({"block_r": br, "block_k": bk, "num_warps": w, "split_k": plan.split_k,
+                              "us": _time(x, V, U, y, sc, plan, (1,)) * 1e6})
+        b2 = min(res["p2"], key=lambda v: v["us"])
+        b1 = min(res["p1"], key=lambda v: v["us"])
+        print(f"M=16 {n}x{k} r{r}: 2xlinear {two:.2f}; auto p1 {res['auto_p1_us']:.2f} p2 {res['auto_p2_us']:.2f}; "
+              f"best p1 {b1['us']:.2f} {b1} best p2 {b2['us']:.2f} {b2} ({len(res['p1'])}+{len(res['p2'])} plans)",
+              flush=True)
+        rows.append(res)
+        del V, U
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--budget-s", type=float, default=25.0, help="seconds per shape")
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--m16", action="store_true", help="only the M = 16 tile sweep")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dispatch.set_enabled(True)
+    if args.m16:
+        out = {"m16": m16_sweep(sms, args.budget_s)}
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(out, fh, indent=1)
+        return 0
     out = {"points": [], "dense": []}
     for n, k, r in SHAPES:
         rows = sweep_shape(n, k, r, sms, args.budget_s)
