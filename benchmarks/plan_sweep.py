@@ -145,45 +145,17 @@ def m16_sweep(sms: int, budget: float) -> list[dict]:
     return rows
 
 
-def regs_ab(sms: int) -> list[dict]:
-    """Phase 2 alone and both phases, under register caps and with t rounded to bf16 in phase 2 (experiment)."""
-    from rankcut.kernels import lowrank
-
-    rows = []
-    for n, k, r in [(4096, 4096, 1024), (11008, 4096, 1024), (12288, 4096, 1024), (22016, 4096, 1492),
-                    (4096, 11008, 1492), (4096, 4096, 256)]:
-        copies = copies_for(r * (n + k) * 2)
-        V, U = _weights(n, k, r, copies)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        sc = Scratch(x.device, r, [r], [n])
-        plan = plan_lowrank(1, k, [r], [n], sms, pdl=True)
-        row = {"shape": [n, k, r]}
-        for tlow, cap in [(False, None), (False, 32), (False, 40), (False, 48), (True, None), (True, 32), (True, 40)]:
-            lowrank.P2_TLOW, lowrank.P2_MAXNREG = tlow, cap
-            key = f"tlow{int(tlow)}_cap{cap or 0}"
-            row[key] = {"p2_us": _time(x, V, U, y, sc, plan, (2,)) * 1e6, "both_us": _time(x, V, U, y, sc, plan, (1, 2)) * 1e6}
-        lowrank.P2_TLOW, lowrank.P2_MAXNREG = False, None
-        rows.append(row)
-        print(f"{n}x{k} r{r}: " + "  ".join(f"{k2} {v['p2_us']:.2f}/{v['both_us']:.2f}" for k2, v in row.items()
-                                             if k2 != "shape"), flush=True)
-        del V, U
-        torch.cuda.empty_cache()
-    return rows
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--budget-s", type=float, default=25.0, help="seconds per shape")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--m16", action="store_true", help="only the M = 16 tile sweep")
-    ap.add_argument("--regs", action="store_true", help="only phase 2 under register caps / bf16 t")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dispatch.set_enabled(True)
-    if args.m16 or args.regs:
-        out = {"m16": m16_sweep(sms, args.budget_s)} if args.m16 else {"regs": regs_ab(sms)}
+    if args.m16:
+        out = {"m16": m16_sweep(sms, args.budget_s)}
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(out, fh, indent=1)

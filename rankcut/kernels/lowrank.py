@@ -153,7 +153,7 @@ def _p1_gemv(x_ptr, v_ptr, t_ptr, sync_ptr, K, R, KCH, r_ptr, w_ptr, s_ptr, GOFF
 @triton.jit
 def _p2_gemv(u_ptr, b_ptr, y_ptr, t_ptr, sync_ptr, R, NPROG, PE0, PE1, PE2, N0, N1, N2, N3, R0, R1, R2, R3,
              BN: tl.constexpr, BRK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-             SINGLE: tl.constexpr, TLOW: tl.constexpr):
+             SINGLE: tl.constexpr):
     row0, rend, uoff, r0, rs, srow = _tile(tl.program_id(0), BN, PE0, PE1, PE2, N0, N1, N2, N3, R0, R1, R2, R3)
     n = row0 + tl.arange(0, BN)
     nmask = n < rend
@@ -165,8 +165,6 @@ def _p2_gemv(u_ptr, b_ptr, y_ptr, t_ptr, sync_ptr, R, NPROG, PE0, PE1, PE2, N0, 
     base = _half(t_ptr, sync_ptr, R, SPLIT, 0)
     if SINGLE:  # the whole rank in one tile: no loop, fewest registers (more programs resident per SM)
         tv = tl.load(base + r0 + jj, mask=jj < rs, other=0.0)
-        if TLOW:
-            tv = tv.to(u.dtype)
         if PDL:
             gdc_launch_dependents()
         y = tl.sum(u.to(tl.float32) * tv[None, :], axis=1)
@@ -274,11 +272,6 @@ def launch_args(scratch: Scratch, plan: LowRankPlan) -> tuple[tuple[int, ...], i
     return seg, plan.tiles1 // plan.split_k, plan.block_k * plan.k_iters
 
 
-import os as _os
-
-P2_TLOW = _os.environ.get("RANKCUT_P2_TLOW", "0") == "1"  # experiment: t rounded to the factor dtype in phase 2
-P2_MAXNREG = int(_os.environ.get("RANKCUT_P2_MAXNREG", "0")) or None  # experiment: register cap of phase 2
-
 #: Phase-1 input prologues (:func:`_p1_input`): the input as stored, SiLU·up of a [gate | up] row, RMSNorm of
 #: a residual sum, RMSNorm of the input alone.
 PROLOGUES = {"none": 0, "silu": 1, "add_rmsnorm": 2, "rmsnorm": 3}
@@ -333,8 +326,7 @@ def launch(x2d: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tens
         if 2 in phases:
             _p2_gemv[(plan.tiles2,)](U, b, y, scratch.t, scratch.sync, R, plan.tiles2, *seg, BN=plan.block_n,
                                      BRK=plan.block_rk, HAS_BIAS=bias is not None, SPLIT=plan.split,
-                                     SINGLE=plan.block_rk >= max(scratch.ranks), TLOW=P2_TLOW,
-                                     **({**opts, "maxnreg": P2_MAXNREG} if P2_MAXNREG else opts))
+                                     SINGLE=plan.block_rk >= max(scratch.ranks), **opts)
 
 
 @triton.jit
