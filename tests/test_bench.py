@@ -14,6 +14,7 @@ from rankcut import cost
 from rankcut.bench.decode import make_decoder
 from rankcut.bench.loop import DecodeLoop, time_decode
 from rankcut.bench.models import preset_config, random_lowrank_, random_model, target_bytes, weight_bytes
+from rankcut.bench import run
 from rankcut.cli import main
 from rankcut.modules import LowRankLinear
 from tiny_models import gpt2, llama, mistral, qwen2
@@ -148,6 +149,27 @@ def test_cli_bench_cpu_json(tmp_path, capsys):
     assert len(rows) == 2 and all(line.split()[3 if "(" not in line else 7] == "-" for line in rows), rows
     assert "pred ms: not shown on cpu: the cost model predicts an NVIDIA H200" in out
     assert data["model"]["predicted_for"] == cost.H200_BF16.name
+    assert data["settings"]["dense_gemv"] is True  # the default: rankcut's dense GEMV where it applies (CUDA)
+
+
+def test_cli_bench_dense_gemv_flag(tmp_path, capsys, monkeypatch):
+    seen = {}
+    real = run.make_decoder
+
+    def spy(*args, **kwargs):
+        seen.setdefault("dense_gemv", []).append(kwargs.get("dense_gemv"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "make_decoder", spy)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "random:tiny-llama", "--compare", "random:tiny-llama", "--random-lowrank", "0.5", "--device",
+                 "cpu", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--quiet", "--dense-gemv",
+                 "cublas", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["dense_gemv"] is False
+    assert seen["dense_gemv"] == [False, False]  # both models, the baseline too
+    with pytest.raises(SystemExit):
+        main(["bench", "random:tiny-llama", "--device", "cpu", "--dense-gemv", "magma"])
+    assert "invalid choice: 'magma'" in capsys.readouterr().err
 
 
 def test_cli_bench_batch_list_measures_each_batch_with_both_bounds(tmp_path, capsys):

@@ -62,6 +62,19 @@ def test_plan_rejects_bad_arguments():
         plan_lowrank(1, 64, [8, 4], [64], 132)
 
 
+def test_wide_inputs_take_four_rows_of_2048_columns_in_phase_1():
+    """K wider than one 4096-element tile (the down projection): 4 rows × 2048 columns per load when there are
+    enough rows of V (measured faster on the H200); narrow K, few rows, forced tiles and the quantised kernels'
+    own tile budget keep one row × 4096."""
+    p = plan_lowrank(1, 11008, [1492], [4096], 132)
+    assert (p.block_r, p.block_k, p.k_iters, p.split_k) == (4, 2048, 6, 1)
+    assert (plan_lowrank(1, 4096, [1024], [4096], 132).block_r, plan_lowrank(1, 4096, [1024], [4096], 132).block_k) \
+        == (1, 4096)
+    assert plan_lowrank(1, 11008, [512], [4096], 132).block_r == 1  # too few rows for 4 per program
+    assert plan_lowrank(1, 11008, [1492], [4096], 132, max_elems=4096).block_r == 1  # the quantised plans
+    assert plan_lowrank(1, 11008, [1492], [4096], 132, block_k=1024).block_k == 1024
+
+
 @pytest.mark.parametrize("block_n", [1, 8, 16, 64])
 def test_tile_table_partitions_rows_without_straddling(block_n):
     ranks, ns = [16, 5, 7], [40, 16, 9]
