@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU measurements of issue #15 (decode attention, generate, batch table), in as few device calls as possible.
 # Usage: bash benchmarks/gpu_decode_session.sh OUTDIR [stages...]
-#   stages: attn decode05 decode08 llama3 cublas05 sdpa fold05 foldab generate batch05 batch08 profile sweep layer1 tests
+#   stages: attn decode05 decode05noglu decode02 decode02gluall decode08 llama3 cublas05 sdpa fold05 foldab generate batch05 batch08 profile sweep layer1 tests
 set -u
 OUT=${1:?outdir}; shift
 STAGES=${*:-"attn decode05 generate tests"}
@@ -15,6 +15,9 @@ for s in $STAGES; do
   case $s in
     attn) timeout ${ATTN_LIMIT:-150} python3 benchmarks/attention_bench.py --json "$OUT/attention_bench.json" 2>&1 | grep -v Warn | tail -30 ;;
     decode05) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.5.json" 2>&1 | tail -6 ;;
+    decode05noglu) RANKCUT_GLU=0 timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.5_noglu.json" 2>&1 | tail -6 ;;
+    decode02) timeout 120 $B $L2 --random-lowrank 0.2 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.2.json" 2>&1 | tail -6 ;;
+    decode02gluall) RANKCUT_GLU=all timeout 120 $B $L2 --random-lowrank 0.2 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.2_glu_all.json" 2>&1 | tail -6 ;;
     decode08) timeout 120 $B $L2 --random-lowrank 0.8 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.8.json" 2>&1 | tail -6 ;;
     llama3) timeout 120 $B $L3 --random-lowrank 0.5 --compare $L3 --quiet --json "$OUT/decode_llama3-8b_keep0.5.json" 2>&1 | tail -6 ;;
     cublas05) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --dense-gemv cublas --quiet --json "$OUT/decode_llama2-7b_keep0.5_cublas.json" 2>&1 | tail -6 ;;

@@ -23,7 +23,7 @@ from rankcut.bench.models import preset_config, random_lowrank_, random_model
 from rankcut.utils import environment
 
 KINDS = [("attention", ("_decode_attention",)), ("rankcut phase 1", ("_p1_",)), ("rankcut phase 2", ("_p2_",)),
-         ("rankcut dense GEMV", ("_dense_gemv",)),
+         ("rankcut dense GEMV", ("_dense_gemv", "_dense_glu")),
          ("cuBLAS GEMV", ("nvjet", "gemv", "gemm", "splitKreduce", "cutlass")), ("add+RMSNorm", ("_add_rmsnorm",)),
          ("rotary+cache", ("_rope_cache",)), ("SiLU*up", ("_silu_mul",)), ("SDPA", ("fmha", "flash", "cudnn", "attn"))]
 

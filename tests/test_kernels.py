@@ -100,7 +100,8 @@ def test_cpu_forward_is_the_eager_path_bit_for_bit(bias):
         assert torch.equal(layer(x), layer.U(layer.V(x)))
     assert dispatch.lowrank_forward(layer, x) is None
     if not CUDA:
-        assert "rankcut.kernels.lowrank" not in sys.modules and "triton" not in sys.modules
+        # torch itself may import triton where it is installed; what must stay unloaded is rankcut's kernels
+        assert "rankcut.kernels.lowrank" not in sys.modules and "rankcut.kernels.gemv" not in sys.modules
 
 
 def test_kernel_pays_rule():

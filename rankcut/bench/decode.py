@@ -158,8 +158,12 @@ class LlamaDecoder(_Decoder):
                                    self.heads, self.kv_heads, self.head_dim)
                 a = self._attend(q, i, mask, self.heads, self.kv_heads)
             o = ops.project(layer.self_attn.o_proj, a)
-            gu, res = ops.norm_project(self.gate_up[i], o, res, layer.post_attention_layernorm, fold)
-            h = ops.gated_project(layer.mlp.down_proj, gu, layer.mlp.act_fn, self.silu, fold)
+            if fold:  # add + RMSNorm in gate/up's phase 1, SiLU·up in down's phase 1
+                gu, res = ops.norm_project(self.gate_up[i], o, res, layer.post_attention_layernorm, fold)
+                h = ops.gated_project(layer.mlp.down_proj, gu, layer.mlp.act_fn, self.silu, fold)
+            else:  # SiLU·up in gate/up's last kernel where that applies
+                x, res = ops.add_rmsnorm(o, res, layer.post_attention_layernorm)
+                h = ops.project(layer.mlp.down_proj, ops.glu_project(self.gate_up[i], x, layer.mlp.act_fn, self.silu))
         x, _ = ops.add_rmsnorm(h, res, self.inner.norm)
         return ops.project(self.model.lm_head, x[:, -1, :])
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankcut.kernels.dispatch import KERNEL_DTYPES, dense_forward, enabled, triton_available
+from rankcut.kernels.dispatch import KERNEL_DTYPES, dense_forward, enabled, glu_forward, triton_available
 
 #: Decode attention: ``auto`` (the split-KV kernel where it applies), ``sdpa`` (rotary kernel + SDPA).
 ATTENTION_MODES = ("auto", "sdpa")
@@ -111,6 +111,17 @@ def decode_attention(batch: int, heads: int, kv_heads: int, head_dim: int, max_l
     from rankcut.kernels.attention import DecodeAttention
 
     return DecodeAttention(batch, heads, kv_heads, head_dim, max_len, device)
+
+
+def glu_project(group: nn.Module, x: torch.Tensor, act: nn.Module, silu: bool) -> torch.Tensor:
+    """``act(gate) · up`` of a fused [gate, up] ``group`` on ``x``: on one CUDA token with SiLU, the product inside
+    the group's last kernel (:func:`rankcut.kernels.dispatch.glu_forward`: one launch fewer, the (1, 2I) pair never
+    stored); else the group's forward, then :func:`silu_mul`."""
+    if silu and _fast(x):
+        y = glu_forward(group, x)
+        if y is not None:
+            return y
+    return silu_mul(group(x), act, silu)
 
 
 def silu_mul(gu: torch.Tensor, act: nn.Module, silu: bool) -> torch.Tensor:
