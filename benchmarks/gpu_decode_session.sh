@@ -17,6 +17,7 @@ for s in $STAGES; do
     decode05) timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.5.json" 2>&1 | tail -6 ;;
     decode05noglu) RANKCUT_GLU=0 timeout 120 $B $L2 --random-lowrank 0.5 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.5_noglu.json" 2>&1 | tail -6 ;;
     decode02) timeout 120 $B $L2 --random-lowrank 0.2 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.2.json" 2>&1 | tail -6 ;;
+    # decode02gluall: measured at f032f05, where RANKCUT_GLU=all also fused SiLU·up into low-rank phase 2 (since removed)
     decode02gluall) RANKCUT_GLU=all timeout 120 $B $L2 --random-lowrank 0.2 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.2_glu_all.json" 2>&1 | tail -6 ;;
     decode08) timeout 120 $B $L2 --random-lowrank 0.8 --compare $L2 --quiet --json "$OUT/decode_llama2-7b_keep0.8.json" 2>&1 | tail -6 ;;
     llama3) timeout 120 $B $L3 --random-lowrank 0.5 --compare $L3 --quiet --json "$OUT/decode_llama3-8b_keep0.5.json" 2>&1 | tail -6 ;;

@@ -161,7 +161,7 @@ class LlamaDecoder(_Decoder):
             if fold:  # add + RMSNorm in gate/up's phase 1, SiLU·up in down's phase 1
                 gu, res = ops.norm_project(self.gate_up[i], o, res, layer.post_attention_layernorm, fold)
                 h = ops.gated_project(layer.mlp.down_proj, gu, layer.mlp.act_fn, self.silu, fold)
-            else:  # SiLU·up in gate/up's last kernel where that applies
+            else:  # SiLU·up in the dense gate/up GEMV's epilogue where that applies
                 x, res = ops.add_rmsnorm(o, res, layer.post_attention_layernorm)
                 h = ops.project(layer.mlp.down_proj, ops.glu_project(self.gate_up[i], x, layer.mlp.act_fn, self.silu))
         x, _ = ops.add_rmsnorm(h, res, self.inner.norm)

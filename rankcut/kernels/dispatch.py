@@ -21,7 +21,7 @@ from rankcut.kernels.plan import DENSE_MIN_ROWS, MAX_M, DensePlan, LowRankPlan, 
 log = logging.getLogger(__name__)
 
 _STATE = {"enabled": os.environ.get("RANKCUT_KERNELS", "1") != "0", "triton": None,
-          "dense": os.environ.get("RANKCUT_DENSE_GEMV", "1") != "0", "glu": os.environ.get("RANKCUT_GLU", "dense")}
+          "dense": os.environ.get("RANKCUT_DENSE_GEMV", "1") != "0", "glu": os.environ.get("RANKCUT_GLU", "1") != "0"}
 _OVERRIDES: dict = {}
 _PLANS: dict[tuple, LowRankPlan] = {}
 _SMS: dict[int, tuple[int, bool]] = {}
@@ -111,24 +111,18 @@ def run_kernel(x: torch.Tensor, V: torch.Tensor, U_flat: torch.Tensor, bias: tor
 def _call_buffers(x: torch.Tensor, R: int, ranks: list[int], ns: list[int], owner, attr: str):
     """``(x2d, y, scratch)`` of one kernel call: the input as a unit-stride, 16-byte-aligned (M, K) matrix, an
     empty (M, ΣN) output, and the call site's scratch (kept on ``owner``, rebuilt when the segments change)."""
+    from rankcut.kernels.lowrank import Scratch
+
     k = x.shape[-1]
     rows = x.numel() // k
     x2d = x.reshape(rows, k)
     if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
         x2d = x2d.contiguous()
-    return x2d, torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device), _scratch(x.device, R, ranks, ns, owner,
-                                                                                      attr)
-
-
-def _scratch(device: torch.device, R: int, ranks: list[int], ns: list[int], owner, attr: str):
-    """The call site's kernel scratch, kept on ``owner`` and rebuilt when the device or the segments change."""
-    from rankcut.kernels.lowrank import Scratch
-
     scratch = owner.__dict__.get(attr)
-    if scratch is None or scratch.device != device or scratch.ranks != list(ranks) or scratch.ns != list(ns):
-        scratch = Scratch(device, R, ranks, ns)
+    if scratch is None or scratch.device != x.device or scratch.ranks != list(ranks) or scratch.ns != list(ns):
+        scratch = Scratch(x.device, R, ranks, ns)
         owner.__dict__[attr] = scratch
-    return scratch
+    return x2d, torch.empty(rows, sum(ns), dtype=x.dtype, device=x.device), scratch
 
 
 def kernel_factors(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
@@ -212,21 +206,12 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
 # ------------------------------------------------------------------------------------ SiLU-gated groups
 
 
-#: Where the SiLU·up epilogue runs: ``dense`` (default: dense [gate; up] groups), ``all`` (low-rank groups too),
-#: ``0`` (nowhere). Measured on the H200 (BENCHMARKS.md, issue #15 third round): the dense epilogue is faster
-#: than the GEMV + SiLU·up pair; the low-rank one is slower at keep 0.5 (ranks ~1500), so it is opt-in.
-GLU_MODES = ("dense", "all", "0")
-
-
 @contextlib.contextmanager
-def glu_kernel(mode: str | bool):
-    """The SiLU·up epilogue (:func:`glu_forward`) in ``mode`` inside the block (:data:`GLU_MODES`; True means
-    ``all``, False ``0``). Off, the group's kernels write [gate | up] and the separate SiLU·up kernel runs."""
-    mode = {True: "all", False: "0"}.get(mode, mode)
-    if mode not in GLU_MODES:
-        raise ValueError(f"glu mode must be one of {', '.join(GLU_MODES)}, got {mode!r}")
+def glu_kernel(flag: bool):
+    """The SiLU·up epilogue (:func:`glu_forward`) on (True) or off (False) inside the block; off (also
+    ``RANKCUT_GLU=0``), the dense gate/up GEMV writes [gate | up] and the separate SiLU·up kernel runs."""
     old = _STATE["glu"]
-    _STATE["glu"] = mode
+    _STATE["glu"] = bool(flag)
     try:
         yield
     finally:
@@ -234,48 +219,29 @@ def glu_kernel(mode: str | bool):
 
 
 def glu_forward(group, x: torch.Tensor) -> torch.Tensor | None:
-    """``silu(gate) · up`` of a fused [gate, up] group on one CUDA token, the product computed in the group's last
-    kernel (:mod:`rankcut.kernels.glu`), or None where the group's own forward and the SiLU·up kernel run: more
-    rows, a group that is not two layers of equal width, quantised factors, not eligible, the epilogue switched off
-    (:func:`glu_kernel`, ``RANKCUT_GLU=0``; low-rank groups only with ``RANKCUT_GLU=all``), or (dense) where
-    :func:`dense_forward` would not take the concatenated weight. Takes a
-    :class:`~rankcut.modules.grouped.LowRankGroup` (``V_cat``/``U_flat``) or a
-    :class:`~rankcut.modules.grouped.DenseGroup` (``W_cat``), by their buffers."""
+    """``silu(gate) · up`` of a fused dense [gate; up] group (:class:`~rankcut.modules.grouped.DenseGroup`, by its
+    ``W_cat``) on one CUDA token, SiLU·up computed in the GEMV's epilogue (:mod:`rankcut.kernels.glu`), or None
+    where the group's own forward and the SiLU·up kernel run: more rows, a group that is not two layers of equal
+    width, a low-rank or quantised group (its phase 2 measured slower with the epilogue), not eligible, the epilogue
+    switched off (:func:`glu_kernel`, ``RANKCUT_GLU=0``), or where :func:`dense_forward` would not take the
+    concatenated weight (the dense GEMV off, fewer than 1024 rows, not contiguous)."""
     ns = list(getattr(group, "ns", ()))
+    W = getattr(group, "W_cat", None)
     k = x.shape[-1] if x.dim() else 0
-    mode = {"1": "dense"}.get(_STATE["glu"], _STATE["glu"])
-    if mode not in GLU_MODES:
-        raise ValueError(f"RANKCUT_GLU must be one of {', '.join(GLU_MODES)}, got {mode!r}")
-    if mode == "0" or len(ns) != 2 or ns[0] != ns[1] or not k or x.numel() != k:
+    if not _STATE["glu"] or not _STATE["dense"] or W is None or len(ns) != 2 or ns[0] != ns[1]:
+        return None
+    if not k or x.numel() != k or W.dim() != 2 or W.shape[1] != k or W.shape[0] < DENSE_MIN_ROWS:
         return None
     bias = getattr(group, "bias_cat", None)
+    if not W.is_contiguous() or not eligible(x, [W, bias], 1) or (bias is not None and not bias.is_contiguous()):
+        return None
+    from rankcut.kernels.glu import glu_gemv
+
     x2d = x.reshape(1, k)
     if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
         x2d = x2d.contiguous()
-    if hasattr(group, "V_cat"):
-        V, U, ranks = group.V_cat, group.U_flat, list(group.ranks)
-        if mode != "all" or V.shape[1] != k or not eligible(x, [V, U, bias], 1) or not kernel_pays(1, ranks):
-            return None
-        from rankcut.kernels.glu import glu_phase2
-
-        scratch = _scratch(x.device, int(V.shape[0]), ranks, ns, group, "_rankcut_scratch")
-        plan = get_plan(1, k, ranks, ns, x.device)
-        if plan.mode != "two" or plan.use_dot:
-            return None
-    elif hasattr(group, "W_cat"):
-        W = group.W_cat
-        if not _STATE["dense"] or W.dim() != 2 or W.shape[1] != k or W.shape[0] < DENSE_MIN_ROWS:
-            return None
-        if not W.is_contiguous() or not eligible(x, [W, bias], 1) or (bias is not None and not bias.is_contiguous()):
-            return None
-        from rankcut.kernels.glu import glu_gemv
-    else:
-        return None
     y = torch.empty(1, ns[0], dtype=x.dtype, device=x.device)
-    if hasattr(group, "V_cat"):
-        glu_phase2(x2d, V, U, bias, y, scratch, plan)
-    else:
-        glu_gemv(x2d, W, bias, y, dense_plan(int(W.shape[0]), k, x.device))
+    glu_gemv(x2d, W, bias, y, dense_plan(int(W.shape[0]), k, x.device))
     return y.reshape(*x.shape[:-1], ns[0])
 
 

@@ -1,18 +1,16 @@
-"""SiLU-gated projections at one token with the activation in the projection's last kernel: ``silu(gate) · up``
-for a fused [gate, up] group, written directly as the (1, I) product instead of the (1, 2I) pair that the
-separate SiLU·up kernel (:func:`rankcut.kernels.glue.silu_mul`) would read back.
+"""The dense gate/up projection at one token with SiLU·up as its epilogue: ``silu(x W_gateᵀ) · (x W_upᵀ)`` for a
+fused dense [gate; up] group, written directly as the (1, I) product instead of the (1, 2I) pair that the
+separate SiLU·up kernel (:func:`rankcut.kernels.glue.silu_mul`) would read back: one launch fewer per block.
 
-Each program computes the same ``BN`` rows of the gate and of the up projection, so both halves of a product
-meet in registers:
+:func:`glu_gemv` is the dense GEMV (:mod:`rankcut.kernels.gemv`) with each program reading the same ``block_r``
+rows of ``W_gate`` and of ``W_up``, so both halves of a product meet in registers; tiles, reduction order and
+rounding are the GEMV's (each projection's output rounded to the model dtype, then the activation, then the
+product, as :func:`~rankcut.kernels.glue.silu_mul` rounds), so the result equals GEMV + SiLU·up bit for bit.
 
-- :func:`glu_phase2` is the low-rank phase 2 (:mod:`rankcut.kernels.lowrank`) for a two-segment group of equal
-  widths (ranks may differ): one tile of ``U_gate`` and one of ``U_up`` per program, read against their slices
-  of the phase-1 intermediate; phase 1 is the group's own launch.
-- :func:`glu_gemv` is the dense GEMV (:mod:`rankcut.kernels.gemv`) over the concatenated [W_gate; W_up].
-
-Rounding follows the unfused path: each projection's output is rounded to the model dtype (as the group would
-store it), then the activation, then the product, as :func:`rankcut.kernels.glue.silu_mul` rounds. Imported only
-when a CUDA tensor reaches :func:`rankcut.kernels.dispatch.glu_forward` (or under ``TRITON_INTERPRET=1``).
+The same epilogue on the low-rank phase 2 (one tile of ``U_gate`` and one of ``U_up`` per program) was built and
+measured slower in the decode step at keep 0.5 and keep 0.2 (BENCHMARKS.md, issue #15 third round), and removed.
+Imported only when a CUDA tensor reaches :func:`rankcut.kernels.dispatch.glu_forward` (or under
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -22,8 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rankcut.kernels.lowrank import Scratch, _finish, _half, launch
-from rankcut.kernels.plan import DensePlan, LowRankPlan
+from rankcut.kernels.plan import DensePlan
 
 
 @triton.jit
@@ -33,79 +30,6 @@ def _silu_product(g, u, dt: tl.constexpr):
     u = u.to(dt).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
     return (a * u).to(dt)
-
-
-@triton.jit
-def _rows_dot(u, u_rows, t_base, nmask, rs, BRK: tl.constexpr, SINGLE: tl.constexpr, NCH: tl.constexpr):
-    """fp32 ``U_rows · t`` over a segment of rank ``rs``, ``u`` its first tile (already requested): one tile, or
-    ``NCH`` = ⌈rs / BRK⌉ chunks reduced as they come (the order of the ordinary phase 2; a constant count, so
-    Triton's interpreter runs it too)."""
-    jj = tl.arange(0, BRK)
-    if SINGLE:
-        tv = tl.load(t_base + jj, mask=jj < rs, other=0.0)
-        y = tl.sum(u.to(tl.float32) * tv[None, :], axis=1)
-    else:
-        y = tl.zeros((u.shape[0],), dtype=tl.float32)
-        for _ in range(0, NCH):
-            tv = tl.load(t_base + jj, mask=jj < rs, other=0.0)
-            jn = jj + BRK
-            u_n = tl.load(u_rows + jn[None, :], mask=nmask[:, None] & (jn < rs)[None, :], other=0.0)
-            y += tl.sum(u.to(tl.float32) * tv[None, :], axis=1)
-            u = u_n
-            jj = jn
-    return y
-
-
-@triton.jit
-def _p2_glu(u_ptr, b_ptr, y_ptr, t_ptr, sync_ptr, R, NPROG, I, RG, RU, BN: tl.constexpr, BRK: tl.constexpr,
-            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, SINGLE: tl.constexpr,
-            NCG: tl.constexpr, NCU: tl.constexpr):
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    nmask = n < I
-    ug_rows = u_ptr + n[:, None] * RG
-    uu_rows = u_ptr + I * RG + n[:, None] * RU
-    jj = tl.arange(0, BRK)
-    ug = tl.load(ug_rows + jj[None, :], mask=nmask[:, None] & (jj < RG)[None, :], other=0.0)
-    uu = tl.load(uu_rows + jj[None, :], mask=nmask[:, None] & (jj < RU)[None, :], other=0.0)
-    if PDL:  # both U tiles stream while phase 1 finishes
-        gdc_wait()
-    base = _half(t_ptr, sync_ptr, R, SPLIT, 0)
-    g = _rows_dot(ug, ug_rows, base, nmask, RG, BRK, SINGLE, NCG)
-    u = _rows_dot(uu, uu_rows, base + RG, nmask, RU, BRK, SINGLE, NCU)
-    if PDL:
-        gdc_launch_dependents()
-    if HAS_BIAS:
-        g += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        u += tl.load(b_ptr + I + n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + n, _silu_product(g, u, y_ptr.dtype.element_ty), mask=nmask)
-    if SPLIT:
-        _finish(sync_ptr, NPROG)
-
-
-def glu_block_n(plan: LowRankPlan) -> int:
-    """Rows of each projection per GLU program: half the plan's phase-2 tile (a program then reads as many
-    ``U`` elements as an ordinary phase-2 program)."""
-    return max(1, plan.block_n // 2)
-
-
-def glu_phase2(x2d: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-               scratch: Scratch, plan: LowRankPlan) -> None:
-    """``silu(gate) · up`` into ``y`` (1, I) for a [gate, up] low-rank group: the group's phase 1 (``V`` the stacked
-    (RG + RU, K) factors), then the GLU phase 2 over ``U`` = [U_gate (I × RG) | U_up (I × RU)] flat, ``bias``
-    (2I) or None. ``plan`` is the group's two-launch GEMV plan (M = 1)."""
-    if plan.use_dot or plan.mode != "two" or x2d.shape[0] != 1 or len(scratch.ns) != 2 or len(set(scratch.ns)) != 1:
-        raise ValueError("the GLU phase 2 takes one row of a two-segment group of equal widths, two-launch GEMV plan")
-    I = scratch.ns[0]
-    rg, ru = scratch.ranks
-    launch(x2d, V, U, bias, y, scratch, plan, phases=(1,))
-    bn = glu_block_n(plan)
-    grid = triton.cdiv(I, bn)
-    single = plan.block_rk >= max(rg, ru)
-    _p2_glu[(grid,)](U, bias if bias is not None else y, y, scratch.t, scratch.sync, int(V.shape[0]), grid, I, rg, ru,
-                     BN=bn, BRK=plan.block_rk, HAS_BIAS=bias is not None, SPLIT=plan.split, PDL=plan.pdl,
-                     SINGLE=single, NCG=1 if single else triton.cdiv(rg, plan.block_rk),
-                     NCU=1 if single else triton.cdiv(ru, plan.block_rk), num_warps=plan.num_warps, num_stages=plan.num_stages,
-                     launch_pdl=plan.pdl)
 
 
 @triton.jit

@@ -114,9 +114,9 @@ def decode_attention(batch: int, heads: int, kv_heads: int, head_dim: int, max_l
 
 
 def glu_project(group: nn.Module, x: torch.Tensor, act: nn.Module, silu: bool) -> torch.Tensor:
-    """``act(gate) · up`` of a fused [gate, up] ``group`` on ``x``: on one CUDA token with SiLU, the product inside
-    the group's last kernel (:func:`rankcut.kernels.dispatch.glu_forward`: one launch fewer, the (1, 2I) pair never
-    stored); else the group's forward, then :func:`silu_mul`."""
+    """``act(gate) · up`` of a fused [gate, up] ``group`` on ``x``: for a dense group on one CUDA token with SiLU,
+    the product in the GEMV's epilogue (:func:`rankcut.kernels.dispatch.glu_forward`: one launch fewer, the
+    (1, 2I) pair never stored); else the group's forward, then :func:`silu_mul`."""
     if silu and _fast(x):
         y = glu_forward(group, x)
         if y is not None:
