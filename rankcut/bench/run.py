@@ -134,7 +134,7 @@ def bench_model(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 
     units = cost.launch_units(rows)
     launches = sum(1 if all(r is None for *_, r in u) else 2 for u in units)
     gemv = ("nvjet", "splitKreduce", "gemv", "_dense_glu", "_p1_", "_p2_", "_p1q_", "_p2q_")  # projection kernels
-    # (cuBLAS, rankcut), LM head; "gemv" also matches rankcut's dense GEMV (_dense_gemv), "_p2_" the GLU phase 2
+    # (cuBLAS, rankcut), LM head; "gemv" also matches rankcut's dense GEMV (_dense_gemv)
     glue = sum(c for name, c in names.items() if not any(g in name for g in gemv)) if names else None
     if glue is None:  # no profiler: the decode step's own count (Llama: 5 per block; 18 per step)
         glue = 5 * len(getattr(decoder, "layers", getattr(decoder, "blocks", []))) + 18

@@ -164,14 +164,19 @@ def dense_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def dense_kernel(flag: bool):
-    """The dense GEMV on (True) or off (False) inside the block."""
-    old = _STATE["dense"]
-    _STATE["dense"] = bool(flag)
+def _switched(key: str, flag: bool):
+    """``_STATE[key]`` set to ``flag`` inside the block, restored after."""
+    old = _STATE[key]
+    _STATE[key] = bool(flag)
     try:
         yield
     finally:
-        _STATE["dense"] = old
+        _STATE[key] = old
+
+
+def dense_kernel(flag: bool):
+    """The dense GEMV on (True) or off (False) inside the block (a context manager)."""
+    return _switched("dense", flag)
 
 
 def dense_plan(n: int, k: int, device: torch.device) -> DensePlan:
@@ -182,10 +187,9 @@ def dense_plan(n: int, k: int, device: torch.device) -> DensePlan:
     return plan
 
 
-def dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``x Wᵀ + b`` through the dense GEMV for one token (``x.numel() == K``) on CUDA, or None where cuBLAS runs:
-    more rows, fewer than :data:`~rankcut.kernels.plan.DENSE_MIN_ROWS` outputs, a weight that is not contiguous
-    (N, K), a gradient needed, or the GEMV switched off (:func:`set_dense_enabled`)."""
+def _dense_row(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as the (1, K) unit-stride, 16-byte-aligned row the dense GEMV kernels read, or None where they do not
+    apply (see :func:`dense_forward`)."""
     if not _STATE["dense"] or weight.dim() != 2 or x.dim() == 0:
         return None
     n, k = weight.shape
@@ -193,11 +197,22 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
         return None
     if not eligible(x, [weight, bias], 1) or (bias is not None and not bias.is_contiguous()):
         return None
-    from rankcut.kernels.gemv import dense_gemv
-
     x2d = x.reshape(1, k)
     if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
         x2d = x2d.contiguous()
+    return x2d
+
+
+def dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``x Wᵀ + b`` through the dense GEMV for one token (``x.numel() == K``) on CUDA, or None where cuBLAS runs:
+    more rows, fewer than :data:`~rankcut.kernels.plan.DENSE_MIN_ROWS` outputs, a weight that is not contiguous
+    (N, K), a gradient needed, or the GEMV switched off (:func:`set_dense_enabled`)."""
+    x2d = _dense_row(weight, bias, x)
+    if x2d is None:
+        return None
+    from rankcut.kernels.gemv import dense_gemv
+
+    n, k = weight.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     dense_gemv(x2d, weight, bias, y, dense_plan(n, k, x.device))
     return y.reshape(*x.shape[:-1], n)
@@ -206,16 +221,10 @@ def dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tens
 # ------------------------------------------------------------------------------------ SiLU-gated groups
 
 
-@contextlib.contextmanager
 def glu_kernel(flag: bool):
-    """The SiLU·up epilogue (:func:`glu_forward`) on (True) or off (False) inside the block; off (also
-    ``RANKCUT_GLU=0``), the dense gate/up GEMV writes [gate | up] and the separate SiLU·up kernel runs."""
-    old = _STATE["glu"]
-    _STATE["glu"] = bool(flag)
-    try:
-        yield
-    finally:
-        _STATE["glu"] = old
+    """The SiLU·up epilogue (:func:`glu_forward`) on (True) or off (False) inside the block (a context manager);
+    off (also ``RANKCUT_GLU=0``), the dense gate/up GEMV writes [gate | up] and the separate SiLU·up kernel runs."""
+    return _switched("glu", flag)
 
 
 def glu_forward(group, x: torch.Tensor) -> torch.Tensor | None:
@@ -227,21 +236,16 @@ def glu_forward(group, x: torch.Tensor) -> torch.Tensor | None:
     concatenated weight (the dense GEMV off, fewer than 1024 rows, not contiguous)."""
     ns = list(getattr(group, "ns", ()))
     W = getattr(group, "W_cat", None)
-    k = x.shape[-1] if x.dim() else 0
-    if not _STATE["glu"] or not _STATE["dense"] or W is None or len(ns) != 2 or ns[0] != ns[1]:
-        return None
-    if not k or x.numel() != k or W.dim() != 2 or W.shape[1] != k or W.shape[0] < DENSE_MIN_ROWS:
+    if not _STATE["glu"] or W is None or len(ns) != 2 or ns[0] != ns[1]:
         return None
     bias = getattr(group, "bias_cat", None)
-    if not W.is_contiguous() or not eligible(x, [W, bias], 1) or (bias is not None and not bias.is_contiguous()):
+    x2d = _dense_row(W, bias, x)
+    if x2d is None:
         return None
     from rankcut.kernels.glu import glu_gemv
 
-    x2d = x.reshape(1, k)
-    if x2d.stride(1) != 1 or x2d.data_ptr() % 16:
-        x2d = x2d.contiguous()
     y = torch.empty(1, ns[0], dtype=x.dtype, device=x.device)
-    glu_gemv(x2d, W, bias, y, dense_plan(int(W.shape[0]), k, x.device))
+    glu_gemv(x2d, W, bias, y, dense_plan(int(W.shape[0]), x2d.shape[1], x.device))
     return y.reshape(*x.shape[:-1], ns[0])
 
 

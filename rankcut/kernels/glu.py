@@ -20,16 +20,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rankcut.kernels.glue import silu_times
 from rankcut.kernels.plan import DensePlan
-
-
-@triton.jit
-def _silu_product(g, u, dt: tl.constexpr):
-    """``silu(g) · u`` of two fp32 projection outputs, rounded as the unfused path rounds."""
-    g = g.to(dt).to(tl.float32)
-    u = u.to(dt).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    return (a * u).to(dt)
 
 
 @triton.jit
@@ -72,7 +64,8 @@ def _dense_glu(x_ptr, w_ptr, b_ptr, y_ptr, I, K, KT: tl.constexpr, BR: tl.conste
     if HAS_BIAS:
         g += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         u += tl.load(b_ptr + I + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, _silu_product(g, u, y_ptr.dtype.element_ty), mask=rmask)
+    dt = y_ptr.dtype.element_ty  # each projection rounded as the GEMV stores it, then SiLU·up's rounding
+    tl.store(y_ptr + rows, silu_times(g.to(dt), u.to(dt), dt), mask=rmask)
 
 
 def glu_gemv(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,

@@ -112,15 +112,23 @@ def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache:
 
 
 @triton.jit
+def silu_times(g, u, dt: tl.constexpr):
+    """``silu(g) · u`` of gate and up values already in the model dtype ``dt``: fp32 arithmetic, the activation
+    rounded to ``dt``, then the product (the rounding of :func:`silu_mul`, shared by every kernel that fuses it)."""
+    g = g.to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (a * u.to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     row = tl.program_id(0)
     o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = o < I
-    g = tl.load(gu_ptr + row * 2 * I + o, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * 2 * I + I + o, mask=m, other=0.0).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * I + o, (a * u).to(out_ptr.dtype.element_ty), mask=m)
+    g = tl.load(gu_ptr + row * 2 * I + o, mask=m, other=0.0)
+    u = tl.load(gu_ptr + row * 2 * I + I + o, mask=m, other=0.0)
+    tl.store(out_ptr + row * I + o, silu_times(g, u, out_ptr.dtype.element_ty), mask=m)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:

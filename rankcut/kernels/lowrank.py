@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rankcut.kernels.glue import silu_times
 from rankcut.kernels.plan import TABLE_WIDTH, LowRankPlan, tile_table
 
 ZERO_BLOCK = 256
@@ -77,11 +78,9 @@ def _tile(j, BN: tl.constexpr, PE0, PE1, PE2, N0, N1, N2, N3, R0, R1, R2, R3):
 def _gated(x_ptr, offs, kmask, GOFF):
     """``silu(gate) · up`` of the input's columns ``offs`` (gate at ``x_ptr``, up ``GOFF`` further), rounded as
     :func:`rankcut.kernels.glue.silu_mul` rounds (the activation, then the product, to the input dtype)."""
-    dt = x_ptr.dtype.element_ty
-    g = tl.load(x_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + GOFF + offs, mask=kmask, other=0.0).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    return (a * u).to(dt)
+    g = tl.load(x_ptr + offs, mask=kmask, other=0.0)
+    u = tl.load(x_ptr + GOFF + offs, mask=kmask, other=0.0)
+    return silu_times(g, u, x_ptr.dtype.element_ty)
 
 
 @triton.jit
