@@ -4,12 +4,7 @@ themselves), the decode step with it against the step with SDPA, and when it is 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +16,7 @@ from rankcut.bench.loop import DecodeLoop
 from rankcut.bench.models import random_lowrank_
 from rankcut.kernels import ops
 from tiny_models import llama
+from interpreter import needs_triton, run_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,10 +190,10 @@ def test_chunk_plan_and_bad_shapes():
         DecodeAttention(1, 4, 4, 32, 16, "cpu", chunk=24)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_kernel_in_the_triton_interpreter():
     """The kernel's logic on the CPU (Triton's interpreter, float16: the interpreter's bfloat16 dot is not exact)."""
-    script = textwrap.dedent(f"""
+    run_in_interpreter(f"""
         import sys, torch
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
         from test_decode_attention import CASES, _case, reference
@@ -213,6 +209,3 @@ def test_kernel_in_the_triton_interpreter():
             assert torch.equal(vc, v_want) and att.count.abs().sum().item() == 0
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]

@@ -4,11 +4,6 @@ GPU in bf16), and the decode step with it on and off."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from rankcut.bench.decode import make_decoder
 from rankcut.kernels import dispatch, ops
 from rankcut.kernels.plan import DENSE_MIN_ROWS, plan_dense
 from rankcut.modules.grouped import DenseGroup
+from interpreter import needs_triton, run_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,12 +66,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_kernel_in_the_triton_interpreter():
-    script = textwrap.dedent(CHECK.format(root=str(ROOT)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    run_in_interpreter(CHECK.format(root=str(ROOT)))
 
 
 @pytest.mark.gpu

@@ -4,11 +4,6 @@ in bf16), the decode step with and without folding, and where folding does not a
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from rankcut.bench.decode import make_decoder
 from rankcut.bench.models import random_lowrank_
 from rankcut.kernels import ops
 from tiny_models import llama
+from interpreter import needs_triton, run_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,12 +90,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_prologues_in_the_triton_interpreter():
-    script = textwrap.dedent(CHECK.format(root=str(ROOT), tests=str(ROOT / "tests")))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    run_in_interpreter(CHECK.format(root=str(ROOT), tests=str(ROOT / "tests")))
 
 
 def test_fold_is_the_separate_path_on_the_cpu():

@@ -5,11 +5,6 @@ the epilogue on and off."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from torch import nn
 from rankcut.kernels import dispatch, ops
 from rankcut.modules import LowRankLinear
 from rankcut.modules.grouped import DenseGroup, LowRankGroup
+from interpreter import needs_triton, run_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,20 +55,17 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_glu_kernels_in_the_triton_interpreter():
-    script = textwrap.dedent(CHECK.format(root=str(ROOT), tests=str(ROOT / "tests")))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    run_in_interpreter(CHECK.format(root=str(ROOT), tests=str(ROOT / "tests")), timeout=900)
 
 
-def _lowrank_group(k: int, n: int, ranks, device="cpu", dtype=torch.float32, bias=False) -> LowRankGroup:
+def _lowrank_group(k: int, n: int, ranks) -> LowRankGroup:
     torch.manual_seed(0)
-    layers = [LowRankLinear(k, n, r, bias=bias, dtype=dtype).to(device) for r in ranks]
+    layers = [LowRankLinear(k, n, r) for r in ranks]
     for l in layers:
         nn.init.normal_(l.V.weight, std=k ** -0.5)
-        nn.init.normal_(l.U.weight, std=r ** -0.5 if (r := l.rank) else 1.0)
+        nn.init.normal_(l.U.weight, std=l.rank ** -0.5)
     return LowRankGroup(layers)
 
 
